@@ -1,0 +1,5 @@
+import sys
+
+from .cli import main_fragment
+
+sys.exit(main_fragment())

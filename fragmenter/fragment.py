@@ -1,0 +1,258 @@
+"""GGUF file -> fragment folder, in one sequential read with bounded memory.
+
+Every byte is read once into a reused buffer; the whole-file SHA-256 and each
+fragment's SHA-256 are updated from that buffer (hashlib releases the GIL, so
+the whole-file hash runs on a second core). Fragments are written under a
+temporary name, named by their hash when complete, and the folder is renamed
+into place only when everything, manifest included, is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from protocol.cid import cid_from_hex, cid_of
+
+from .errors import FragmenterError, GGUFFormatError
+from .fsio import open_staging_folder
+from .gguf_header import GGUFHeader, parse_header
+from .manifest import (
+    FORMAT,
+    HEADER_NAME,
+    MANIFEST_NAME,
+    dtype_name,
+    encode_extra,
+    json_metadata,
+    model_config,
+    serialize,
+)
+from .naming import fragment_id, tensor_role
+from .plan import plan_file
+from .tokenizer import write_tokenizer_files
+
+DEFAULT_CHUNK_SIZE = 10 * 1024 * 1024
+_READ_SIZE = 4 * 1024 * 1024
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class FragmentResult:
+    model_cid: str
+    folder: Path
+    fragments: int
+    file_size: int
+    file_sha256: str
+    seconds: float
+    tokenizer_files: list[str]
+
+
+class _Reader:
+    """Sequential reads into a reused buffer, hashing the whole file as it goes."""
+
+    def __init__(self, f: BinaryIO, pool: ThreadPoolExecutor, progress: Progress | None, total: int) -> None:
+        self.f = f
+        self.pool = pool
+        self.file_hash = hashlib.sha256()
+        self.pos = 0
+        self.total = total
+        self.progress = progress
+        # Two buffers: one is hashed for the whole file on a worker thread
+        # while the next is read into the other.
+        self.buffers = [bytearray(_READ_SIZE), bytearray(_READ_SIZE)]
+        self.turn = 0
+        self.pending: Any = None
+
+    def chunks(self, size: int) -> Any:
+        """Yield memoryviews covering the next `size` bytes of the file."""
+        while size > 0:
+            buf = self.buffers[self.turn]
+            self.turn ^= 1
+            n = min(size, _READ_SIZE)
+            view = memoryview(buf)[:n]
+            if self.pending is not None:
+                self.pending.result()  # the other buffer is free again
+            got = self.f.readinto(view)
+            if got != n:
+                raise GGUFFormatError(f"file ended early at byte {self.pos + (got or 0)}: truncated?")
+            self.pending = self.pool.submit(self.file_hash.update, view)
+            self.pos += n
+            size -= n
+            yield view
+            if self.progress:
+                self.progress(self.pos, self.total)
+
+    def finish(self) -> str:
+        if self.pending is not None:
+            self.pending.result()
+        return self.file_hash.hexdigest()
+
+
+def fragment_model(
+    gguf_path: Path,
+    output: Path,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> FragmentResult:
+    start = time.monotonic()
+    gguf_path = Path(gguf_path)
+    try:
+        f = open(gguf_path, "rb")
+    except OSError as e:
+        raise FragmenterError(f"cannot read {gguf_path}: {e.strerror}") from None
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
+        if file_size == 0:
+            raise GGUFFormatError(f"{gguf_path}: empty file, not a GGUF model")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as header_map:
+            header = parse_header(header_map)
+            plan = plan_file(header, file_size, chunk_size)
+            with open_staging_folder(Path(output), force) as staging, ThreadPoolExecutor(1) as pool:
+                reader = _Reader(f, pool, progress, file_size)
+                entries, extra, header_sha = _write_fragments(reader, header, plan, staging, gguf_path)
+                file_sha = reader.finish()
+                tokenizer_files = write_tokenizer_files(header, staging)
+                manifest = _build_manifest(
+                    header, gguf_path.name, file_size, file_sha, header_sha, chunk_size, entries, extra
+                )
+                manifest_bytes = serialize(manifest)
+                (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+    return FragmentResult(
+        model_cid=cid_of(manifest_bytes),
+        folder=Path(output).resolve(),
+        fragments=len(entries),
+        file_size=file_size,
+        file_sha256=file_sha,
+        seconds=time.monotonic() - start,
+        tokenizer_files=tokenizer_files,
+    )
+
+
+def _write_fragments(
+    reader: _Reader, header: GGUFHeader, plan: Any, staging: Path, gguf_path: Path
+) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]], str]:
+    model = gguf_path.stem
+    header_hash = hashlib.sha256()
+    with open(staging / HEADER_NAME, "wb") as out:
+        for view in reader.chunks(header.data_start):
+            header_hash.update(view)
+            out.write(view)
+
+    # Walk shards and gaps together in file order.
+    events = [(s.file_offset, 1, s) for s in plan.shards] + [(g.file_offset, 0, g) for g in plan.gaps]
+    events.sort(key=lambda e: (e[0], e[1]))
+    entries: list[dict[str, Any]] = []
+    extra: list[tuple[int, bytes]] = []
+    used_ids: set[str] = set()
+    tmp = staging / ".fragment.partial"
+    for _, is_shard, item in events:
+        if not is_shard:
+            data = b"".join(bytes(v) for v in reader.chunks(item.size))
+            if data.count(0) != len(data):
+                extra.append((item.file_offset, data))
+            continue
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for view in reader.chunks(item.size):
+                    digest.update(view)
+                    out.write(view)
+        except OSError as e:
+            raise FragmenterError(f"cannot write fragment into {staging}: {e.strerror}") from None
+        sha = digest.hexdigest()
+        entry = _fragment_entry(model, item, sha, used_ids, header.data_start)
+        os.replace(tmp, staging / (entry["fragment_id"] + ".dat"))
+        entries.append(entry)
+    return entries, extra, header_hash.hexdigest()
+
+
+def _fragment_entry(model: str, shard: Any, sha: str, used: set[str], data_start: int) -> dict[str, Any]:
+    t = shard.tensor
+    role = tensor_role(t.name)
+    component = role.component
+    fid = fragment_id(model, role.layer_index, component, shard.shard_index, sha[:16])
+    if fid in used:
+        # Two tensors of one layer that share a component (X.weight / X.bias)
+        # with equal bytes: the existing scheme collides; keep the full name.
+        component = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
+        fid = fragment_id(model, role.layer_index, component, shard.shard_index, sha[:16])
+        n = 1
+        while fid in used:
+            n += 1
+            fid = fragment_id(model, role.layer_index, f"{component}.{n}", shard.shard_index, sha[:16])
+    used.add(fid)
+    type_name = t.ggml_type.name
+    return {
+        "fragment_id": fid,
+        "model_name": model,
+        "fragment_type": role.fragment_type,
+        "layer_index": role.layer_index,
+        "component": component,
+        "expert_index": None,
+        "shard_index": shard.shard_index,
+        "total_shards": shard.total_shards,
+        "shape": list(t.dims),
+        "dtype": dtype_name(type_name),
+        "size_bytes": shard.size,
+        "tensor_name": t.name,
+        "tensor_type": type_name,
+        "checksum": sha[:16],
+        "is_always_active": role.is_always_active,
+        "data_offset": data_start + t.offset,
+        "file_offset": shard.file_offset,
+        "sha256": sha,
+        "cid": cid_from_hex(sha),
+    }
+
+
+def _build_manifest(
+    header: GGUFHeader,
+    file_name: str,
+    file_size: int,
+    file_sha: str,
+    header_sha: str,
+    chunk_size: int,
+    entries: list[dict[str, Any]],
+    extra: list[tuple[int, bytes]],
+) -> dict[str, Any]:
+    metadata = json_metadata(header)
+    shards_of: dict[str, int] = {e["tensor_name"]: e["total_shards"] for e in entries}
+    tensor_specifics = {
+        t.name: {
+            "shape": list(t.dims),
+            "tensor_type": t.ggml_type.name,
+            "data_offset": header.data_start + t.offset,
+            "size_bytes": t.n_bytes,
+            "row_bytes": t.row_bytes,
+            "total_shards": shards_of[t.name],
+        }
+        for t in header.tensors
+    }
+    return {
+        "format": FORMAT,
+        "model_name": Path(file_name).stem,
+        "file_name": file_name,
+        "file_size": file_size,
+        "file_sha256": file_sha,
+        "architecture": header.architecture,
+        "gguf_version": header.version,
+        "alignment": header.alignment,
+        "chunk_size": chunk_size,
+        "header_size": header.data_start,
+        "header_sha256": header_sha,
+        "total_fragments": len(entries),
+        "config": model_config(header, metadata),
+        "tensor_specifics": tensor_specifics,
+        "extra_bytes": encode_extra(extra),
+        "fragments": entries,
+        "metadata": metadata,
+    }

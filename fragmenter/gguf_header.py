@@ -1,0 +1,249 @@
+"""Parse a GGUF header (metadata + tensor infos) from a byte buffer, fast.
+
+gguf-py's `GGUFReader` builds one numpy view per array element and needs
+seconds and hundreds of MB for a 262k-token vocabulary. Here numeric arrays are
+read in bulk with `numpy.frombuffer`, and string arrays are only walked by
+their lengths; their text is decoded on demand (`GGUFArray.strings()`).
+Every parsed record keeps its byte position.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import GGUFFormatError
+from .gguf_spec import (
+    ALIGNMENT_KEY,
+    DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    NUMPY_DTYPES,
+    SCALAR_FORMATS,
+    SUPPORTED_VERSIONS,
+    ValueType,
+)
+
+# Sanity caps, so a corrupt length field fails fast instead of allocating.
+_MAX_DIMS = 8
+_MAX_STRING = 1 << 30
+
+
+@dataclass(frozen=True)
+class GGUFArray:
+    """A metadata array. Numeric arrays hold a numpy array; string arrays hold
+    the buffer span of their elements and decode lazily."""
+
+    element_type: ValueType
+    count: int
+    values: np.ndarray | None  # numeric arrays
+    _buffer: Any = None  # string arrays: the header buffer ...
+    _start: int = 0  # ... and the offset of the first element
+
+    def strings(self) -> list[str]:
+        return [b.decode("utf-8", errors="replace") for b in self.raw_strings()]
+
+    def raw_strings(self) -> list[bytes]:
+        if self.element_type != ValueType.STRING:
+            raise TypeError("not a string array")
+        out: list[bytes] = []
+        buf, pos = self._buffer, self._start
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(self.count):
+            (n,) = unpack(buf, pos)
+            pos += 8
+            out.append(bytes(buf[pos : pos + n]))
+            pos += n
+        return out
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]  # GGUF order: dims[0] is the fastest-varying (row length)
+    ggml_type: GGMLQuantizationType
+    offset: int  # relative to the start of tensor data
+    info_position: int  # byte position of this record in the header
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return n
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][1]
+
+    @property
+    def n_bytes(self) -> int:
+        return self.n_elements // self.block_size * self.type_size
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (dims[0] elements): the unit a shard may be cut at."""
+        return self.dims[0] // self.block_size * self.type_size if self.dims else self.type_size
+
+    @property
+    def numpy_shape(self) -> tuple[int, ...]:
+        """Logical shape in numpy (row-major) order."""
+        return tuple(reversed(self.dims))
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    version: int
+    metadata: dict[str, Any]  # scalars as Python values, arrays as GGUFArray
+    metadata_types: dict[str, ValueType]
+    tensors: list[TensorInfo]
+    alignment: int
+    data_start: int  # absolute offset of tensor data (== size of gguf_header.dat)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        return arch if isinstance(arch, str) else "unknown"
+
+
+class _Cursor:
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.size = len(buf)
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFFormatError(f"truncated GGUF header: {what} at byte {self.pos} runs past the end")
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def u32(self, what: str) -> int:
+        return int(self.scalar("<I", what))
+
+    def u64(self, what: str) -> int:
+        return int(self.scalar("<Q", what))
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        if n > _MAX_STRING:
+            raise GGUFFormatError(f"corrupt GGUF header: {what} claims {n} bytes")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value_type(self, what: str) -> ValueType:
+        t = self.u32(what)
+        try:
+            return ValueType(t)
+        except ValueError:
+            raise GGUFFormatError(f"corrupt GGUF header: unknown value type {t} for {what}") from None
+
+    def value(self, vtype: ValueType, what: str) -> Any:
+        if vtype == ValueType.STRING:
+            return self.string(what)
+        if vtype == ValueType.ARRAY:
+            return self.array(what)
+        return self.scalar(SCALAR_FORMATS[vtype], what)
+
+    def array(self, what: str) -> GGUFArray:
+        etype = self.value_type(what)
+        count = self.u64(what)
+        if etype == ValueType.STRING:
+            start = self.pos
+            unpack = struct.Struct("<Q").unpack_from
+            buf, pos, end = self.buf, self.pos, self.size
+            for _ in range(count):
+                if pos + 8 > end:
+                    raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
+                (n,) = unpack(buf, pos)
+                pos += 8 + n
+            if pos > end:
+                raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
+            self.pos = pos
+            return GGUFArray(etype, count, None, buf, start)
+        if etype == ValueType.ARRAY:
+            # Nested arrays are legal but unused by any model we know; keep them parsed.
+            items = [self.array(what) for _ in range(count)]
+            return GGUFArray(etype, count, np.array(items, dtype=object))
+        dtype = np.dtype(NUMPY_DTYPES[etype])
+        self.need(count * dtype.itemsize, what)
+        values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+        self.pos += count * dtype.itemsize
+        return GGUFArray(etype, count, values)
+
+
+def parse_header(buf: Any) -> GGUFHeader:
+    """Parse the GGUF header at the start of `buf` (bytes, mmap or memoryview).
+
+    `buf` may be the whole model or just `gguf_header.dat`. Raises
+    GGUFFormatError with a one-line reason on anything malformed.
+    """
+    c = _Cursor(buf)
+    if c.size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
+        raise GGUFFormatError("not a GGUF file (bad magic)")
+    c.pos = 4
+    version = c.u32("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFFormatError(f"unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors = c.u64("tensor count")
+    n_kv = c.u64("metadata count")
+    if n_tensors > 1 << 24 or n_kv > 1 << 24:
+        raise GGUFFormatError("corrupt GGUF header: absurd tensor or metadata count")
+
+    metadata: dict[str, Any] = {}
+    types: dict[str, ValueType] = {}
+    for i in range(n_kv):
+        key = c.string(f"metadata key #{i}")
+        vtype = c.value_type(key)
+        metadata[key] = c.value(vtype, key)
+        types[key] = vtype
+
+    tensors: list[TensorInfo] = []
+    for i in range(n_tensors):
+        position = c.pos
+        name = c.string(f"tensor name #{i}")
+        n_dims = c.u32(f"dims of {name}")
+        if n_dims > _MAX_DIMS:
+            raise GGUFFormatError(f"corrupt GGUF header: tensor {name} has {n_dims} dimensions")
+        dims = tuple(c.u64(f"dims of {name}") for _ in range(n_dims))
+        raw_type = c.u32(f"type of {name}")
+        try:
+            ggml_type = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise GGUFFormatError(f"tensor {name} has unknown type {raw_type}") from None
+        if ggml_type not in GGML_QUANT_SIZES:
+            raise GGUFFormatError(f"tensor {name} has unsupported type {ggml_type.name}")
+        offset = c.u64(f"offset of {name}")
+        info = TensorInfo(name, dims, ggml_type, offset, position)
+        if dims and dims[0] % info.block_size:
+            raise GGUFFormatError(f"tensor {name}: row of {dims[0]} is not a multiple of the {ggml_type.name} block")
+        tensors.append(info)
+
+    alignment = metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"corrupt GGUF header: alignment {alignment!r} is not a power of two")
+    data_start = align(c.pos, alignment)
+    if data_start > c.size:
+        raise GGUFFormatError("truncated GGUF header: padding before tensor data runs past the end")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise GGUFFormatError("corrupt GGUF header: duplicate tensor names")
+    return GGUFHeader(version, metadata, types, tensors, alignment, data_start)
+
+
+def align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment

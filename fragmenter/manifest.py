@@ -1,0 +1,240 @@
+"""`manifest.json`: building ours, serializing it deterministically, and reading
+both ours and the existing tool's (see `shared/seed/SEED_FORMAT.md`).
+
+Readers get a `Manifest` whose fragments always carry `file_offset` and
+`checksum`; `sha256` is None for the existing tool's manifests, which only
+have the 16-hex prefix.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ManifestError
+from .gguf_header import GGUFArray, GGUFHeader
+from .gguf_spec import ValueType
+
+FORMAT = "gguf-swarm/1"
+MANIFEST_NAME = "manifest.json"
+HEADER_NAME = "gguf_header.dat"
+_SMALL_ARRAY = 64  # arrays longer than this are summarized; they live in the header
+
+
+@dataclass(frozen=True)
+class FragmentEntry:
+    fragment_id: str
+    tensor_name: str
+    tensor_type: str
+    shape: tuple[int, ...]
+    shard_index: int
+    total_shards: int
+    size: int
+    file_offset: int
+    data_offset: int  # absolute offset of the whole tensor
+    checksum: str  # first 16 hex of sha256
+    sha256: str | None  # None for the existing tool's manifests
+
+    @property
+    def file_name(self) -> str:
+        return self.fragment_id + ".dat"
+
+    def matches_digest(self, sha256_hex: str) -> bool:
+        if self.sha256 is not None:
+            return sha256_hex == self.sha256
+        return sha256_hex[:16] == self.checksum
+
+
+@dataclass(frozen=True)
+class Manifest:
+    raw: dict[str, Any]
+    model_name: str
+    fragments: list[FragmentEntry]  # in file order
+    header_size: int
+    file_size: int | None  # None when unknown (existing tool)
+    file_sha256: str | None
+    alignment: int | None
+    extra_bytes: list[tuple[int, bytes]]  # non-zero bytes outside header and tensors
+
+    @property
+    def is_ours(self) -> bool:
+        return self.raw.get("format") == FORMAT
+
+    @property
+    def file_name(self) -> str:
+        name = self.raw.get("file_name")
+        return name if isinstance(name, str) else self.model_name + ".gguf"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.fragments)
+
+
+# ---- building ---------------------------------------------------------------
+
+
+def _json_scalar(value: Any, vtype: ValueType) -> Any:
+    if vtype == ValueType.FLOAT32:
+        value = float(str(np.float32(value)))  # shortest decimal of the float32
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def json_metadata(header: GGUFHeader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in header.metadata.items():
+        vtype = header.metadata_types[key]
+        if isinstance(value, GGUFArray):
+            et = value.element_type
+            if value.count > _SMALL_ARRAY or et == ValueType.ARRAY:
+                out[key] = {"array_of": et.name.lower(), "length": value.count, "in": HEADER_NAME}
+            elif et == ValueType.STRING:
+                out[key] = value.strings()
+            else:
+                out[key] = [_json_scalar(v, et) for v in value.values.tolist()]  # type: ignore[union-attr]
+        else:
+            out[key] = _json_scalar(value, vtype)
+    return out
+
+
+def model_config(header: GGUFHeader, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Real numbers from the model's own `{arch}.*` keys; None where the model has none."""
+    arch = header.architecture
+
+    def get(*keys: str) -> Any:
+        for k in keys:
+            if f"{arch}.{k}" in metadata:
+                return metadata[f"{arch}.{k}"]
+        return None
+
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size")
+    if vocab is None and isinstance(tokens, GGUFArray):
+        vocab = tokens.count
+    n_heads = get("attention.head_count")
+    return {
+        "dim": get("embedding_length"),
+        "hidden_dim": get("feed_forward_length"),
+        "n_layers": get("block_count"),
+        "n_heads": n_heads,
+        "n_kv_heads": get("attention.head_count_kv") if get("attention.head_count_kv") is not None else n_heads,
+        "vocab_size": vocab,
+        "norm_eps": get("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"),
+        "rope_freq_base": get("rope.freq_base"),
+        "context_length": get("context_length"),
+        "head_dim": get("attention.key_length"),
+        "expert_count": get("expert_count"),
+        "expert_used_count": get("expert_used_count"),
+    }
+
+
+def dtype_name(tensor_type: str) -> str:
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(tensor_type, "uint8")
+
+
+def serialize(manifest: dict[str, Any]) -> bytes:
+    """Deterministic bytes: the model CID is the hash of exactly these."""
+    return (json.dumps(manifest, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def encode_extra(extra: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
+    return [{"file_offset": off, "base64": base64.b64encode(data).decode("ascii")} for off, data in extra]
+
+
+# ---- reading ----------------------------------------------------------------
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest.json in this folder") from None
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e})") from None
+    return parse_manifest(raw, str(path))
+
+
+def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
+    """Validate and normalize a manifest dict (ours or the existing tool's)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("fragments"), list):
+        raise ManifestError(f"{where}: not a fragment manifest (no 'fragments' list)")
+    ours = raw.get("format") == FORMAT
+    chunk = raw.get("chunk_size")
+    model = raw.get("model_name")
+    if not isinstance(model, str):
+        raise ManifestError(f"{where}: no model_name")
+    try:
+        fragments = [_parse_fragment(f, ours, chunk) for f in raw["fragments"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: malformed fragment entry ({e})") from None
+    ids = [f.fragment_id for f in fragments]
+    if len(set(ids)) != len(ids):
+        raise ManifestError(f"{where}: duplicate fragment ids")
+    fragments.sort(key=lambda f: (f.file_offset, f.shard_index))
+    try:
+        header_size = int(raw["header_size"])
+        extra = [
+            (int(e["file_offset"]), base64.b64decode(e["base64"], validate=True)) for e in raw.get("extra_bytes", [])
+        ]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: malformed manifest ({e})") from None
+    if ours:
+        for key in ("file_size", "file_sha256", "alignment"):
+            if key not in raw:
+                raise ManifestError(f"{where}: missing {key}")
+    return Manifest(
+        raw=raw,
+        model_name=model,
+        fragments=fragments,
+        header_size=header_size,
+        file_size=raw.get("file_size") if ours else None,
+        file_sha256=raw.get("file_sha256") if ours else None,
+        alignment=raw.get("alignment") if ours else None,
+        extra_bytes=extra,
+    )
+
+
+def _hex(value: Any, length: int, name: str) -> str:
+    if not isinstance(value, str) or len(value) != length or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"{name} is not {length} hex digits")
+    return value
+
+
+def _parse_fragment(f: dict[str, Any], ours: bool, chunk: Any) -> FragmentEntry:
+    fid = f["fragment_id"]
+    if not isinstance(fid, str) or "/" in fid or "\\" in fid or fid.startswith("."):
+        raise ValueError(f"bad fragment_id {fid!r}")
+    shard = int(f["shard_index"])
+    size = int(f["size_bytes"])
+    data_offset = int(f["data_offset"])
+    if "file_offset" in f:
+        file_offset = int(f["file_offset"])
+    elif isinstance(chunk, int) and chunk > 0:
+        file_offset = data_offset + shard * chunk  # the existing tool cuts at fixed chunks
+    else:
+        raise ValueError(f"{fid}: no file_offset and no chunk_size")
+    sha = _hex(f["sha256"], 64, "sha256") if ours or "sha256" in f else None
+    checksum = _hex(f.get("checksum") or (sha or "")[:16], 16, "checksum")
+    if size < 0 or file_offset < 0 or shard < 0:
+        raise ValueError(f"{fid}: negative size or offset")
+    return FragmentEntry(
+        fragment_id=fid,
+        tensor_name=str(f.get("tensor_name", "")),
+        tensor_type=str(f.get("tensor_type", "")),
+        shape=tuple(int(d) for d in f.get("shape", ())),
+        shard_index=shard,
+        total_shards=int(f.get("total_shards", 1)),
+        size=size,
+        file_offset=file_offset,
+        data_offset=data_offset,
+        checksum=checksum,
+        sha256=sha,
+    )

@@ -1,0 +1,58 @@
+"""The real Gemma 3 270M Q4_K_M model: fragment, verify, assemble, load, tokenize."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import fragmenter as fr
+from tests.conftest import GEMMA_SHA256, SHARED, sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def test_fragment_verify_assemble(gemma_folder: Path, tmp_path: Path) -> None:
+    manifest = fr.read_manifest(gemma_folder)
+    assert manifest.file_sha256 == GEMMA_SHA256
+    assert manifest.raw["config"]["n_layers"] == 18 and manifest.raw["config"]["vocab_size"] == 262144
+    assert fr.verify_folder(gemma_folder).ok
+    fr.assemble(gemma_folder, tmp_path / "back.gguf")
+    assert sha256_file(tmp_path / "back.gguf") == GEMMA_SHA256
+
+
+def test_load_tensor_equals_the_original(gemma_model: Path, gemma_folder: Path) -> None:
+    reader = gguf.GGUFReader(gemma_model)
+    seen: set[str] = set()
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in seen or t.name == "token_embd.weight":
+            continue
+        seen.add(kind)
+        expected = gguf.quants.dequantize(t.data, t.tensor_type)
+        got = fr.load_tensor(gemma_folder, t.name)
+        np.testing.assert_array_equal(got, expected.reshape(got.shape))
+    assert {"F32", "Q5_0", "Q4_K", "Q6_K"} <= seen
+
+
+def test_validate_whole_model(gemma_folder: Path) -> None:
+    report = fr.validate_folder(gemma_folder)
+    assert report.ok and report.tensors == 236
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
+def test_tokenizer_matches_llama_cpp(gemma_folder: Path, name: str) -> None:
+    cases = json.loads((SHARED / "fixtures" / "gemma3-270m-q4_k_m.tokens.json").read_text())
+    if name == "tokenizer.json":
+        tokenizers = pytest.importorskip("tokenizers")
+        tok = tokenizers.Tokenizer.from_file(str(gemma_folder / name))
+        encode = lambda text: tok.encode(text).ids  # noqa: E731
+    else:
+        spm = pytest.importorskip("sentencepiece")
+        sp = spm.SentencePieceProcessor(model_file=str(gemma_folder / name))
+        encode = lambda text: [2] + sp.encode(text)  # noqa: E731
+    for case in cases:
+        assert encode(case["text"]) == case["ids"], case["text"]

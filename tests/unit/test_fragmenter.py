@@ -1,0 +1,203 @@
+"""Fragment -> verify -> assemble on small real GGUF files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import fragmenter as fr
+from protocol.cid import cid_of
+from tests.conftest import sha256_file
+from tests.gguf_factory import MIXED, write_model
+
+
+@pytest.mark.parametrize("chunk", [256, 1000, 1024, 10 * 1024 * 1024])
+def test_round_trip_is_byte_identical(small_model: Path, tmp_path: Path, chunk: int) -> None:
+    result = fr.fragment_model(small_model, tmp_path / "frag", chunk_size=chunk)
+    assert fr.verify_folder(tmp_path / "frag").ok
+    out = fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
+    assert out.checked_against_manifest
+    assert sha256_file(tmp_path / "back.gguf") == sha256_file(small_model) == result.file_sha256
+
+
+def test_shards_fall_on_row_boundaries_when_a_row_fits(small_model: Path, tmp_path: Path) -> None:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1000)
+    manifest = fr.read_manifest(tmp_path / "frag")
+    specifics = manifest.raw["tensor_specifics"]
+    multi = [f for f in manifest.fragments if f.total_shards > 1]
+    assert multi, "the test model must have tensors larger than the chunk"
+    for f in manifest.fragments:
+        row = specifics[f.tensor_name]["row_bytes"]
+        if row <= 1000:
+            assert (f.file_offset - f.data_offset) % row == 0
+            assert f.size % row == 0 or f.shard_index == f.total_shards - 1
+        assert f.size <= 1000
+
+
+def test_rows_larger_than_the_chunk_fall_back_to_chunk_cuts(small_model: Path, tmp_path: Path) -> None:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=256)
+    shards = [f for f in fr.read_manifest(tmp_path / "frag").fragments if f.tensor_name == "blk.0.ffn_up.weight"]
+    assert [f.size for f in shards] == [256] * 9  # 2304 bytes, 288-byte rows
+    assert fr.verify_folder(tmp_path / "frag").ok
+
+
+def test_manifest_fields(small_model: Path, tmp_path: Path) -> None:
+    result = fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    raw = json.loads((tmp_path / "frag" / "manifest.json").read_bytes())
+    assert result.model_cid == cid_of((tmp_path / "frag" / "manifest.json").read_bytes())
+    assert raw["format"] == "gguf-swarm/1"
+    assert raw["file_name"] == "tiny-model.gguf" and raw["model_name"] == "tiny-model"
+    assert raw["file_size"] == small_model.stat().st_size
+    assert raw["config"]["dim"] == 64 and raw["config"]["n_layers"] == 2 and raw["config"]["n_heads"] == 4
+    assert raw["config"]["norm_eps"] == 1e-6
+    assert raw["metadata"]["llama.block_count"] == 2  # JSON-native, not [2]
+    assert raw["metadata"]["tokenizer.ggml.tokens"]["array_of"] == "string"
+    ids = [f["fragment_id"] for f in raw["fragments"]]
+    assert len(ids) == len(set(ids)) == raw["total_fragments"]
+    for f in raw["fragments"]:
+        data = (tmp_path / "frag" / (f["fragment_id"] + ".dat")).read_bytes()
+        assert len(data) == f["size_bytes"]
+        assert f["checksum"] == f["sha256"][:16] and f["fragment_id"].endswith(f["checksum"])
+        assert f["cid"] == cid_of(data)
+    names = {f["fragment_id"].split("_S")[0] for f in raw["fragments"]}
+    assert "tiny-model_L-1_embedding" in names and "tiny-model_L-2_lm_head" in names
+    assert "tiny-model_L-3_output_norm.weight" in names and "tiny-model_L0_attn_q" in names
+    assert (tmp_path / "frag" / "gguf_header.dat").stat().st_size == raw["header_size"]
+
+
+def test_deterministic_across_directories(small_model: Path, tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    copy = other / small_model.name
+    copy.write_bytes(small_model.read_bytes())
+    a = fr.fragment_model(small_model, tmp_path / "a")
+    cwd = os.getcwd()
+    try:
+        os.chdir(other)
+        b = fr.fragment_model(Path(copy.name), Path("b"))
+    finally:
+        os.chdir(cwd)
+    assert a.model_cid == b.model_cid
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (other / "b" / "manifest.json").read_bytes()
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(other / "b"))
+
+
+def test_equal_tensors_of_one_layer_get_unique_ids(tmp_path: Path) -> None:
+    w = gguf.GGUFWriter(str(tmp_path / "dup.gguf"), "llama")
+    same = np.arange(16, dtype=np.float32)
+    w.add_tensor("blk.0.attn_q.weight", same)
+    w.add_tensor("blk.0.attn_q.bias", same.copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fr.fragment_model(tmp_path / "dup.gguf", tmp_path / "frag")
+    ids = [f.fragment_id for f in fr.read_manifest(tmp_path / "frag").fragments]
+    assert len(set(ids)) == 2
+    fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
+    assert sha256_file(tmp_path / "back.gguf") == sha256_file(tmp_path / "dup.gguf")
+
+
+def test_non_zero_padding_and_trailing_bytes_survive(small_model: Path, tmp_path: Path) -> None:
+    header = fr.parse_header(small_model.read_bytes())
+    norm = next(t for t in header.tensors if t.name == "blk.0.attn_norm.weight")
+    pad_at = header.data_start + norm.offset + norm.n_bytes  # 28-byte tensor, 4 bytes of padding follow
+    data = bytearray(small_model.read_bytes())
+    data[pad_at : pad_at + 4] = b"\xde\xad\xbe\xef"
+    data += b"trailing bytes after the last tensor"
+    odd = tmp_path / "odd.gguf"
+    odd.write_bytes(bytes(data))
+    fr.fragment_model(odd, tmp_path / "frag", chunk_size=1024)
+    fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
+    assert (tmp_path / "back.gguf").read_bytes() == bytes(data)
+
+
+def test_alignment_other_than_32(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "a64.gguf", MIXED[:4], alignment=64)
+    fr.fragment_model(model, tmp_path / "frag", chunk_size=512)
+    fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
+    assert sha256_file(tmp_path / "back.gguf") == sha256_file(model)
+
+
+def test_load_tensor_equals_dequantizing_the_original(small_model: Path, tmp_path: Path) -> None:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1000)
+    reader = gguf.GGUFReader(small_model)
+    for t in reader.tensors:
+        expected = gguf.quants.dequantize(t.data, t.tensor_type)
+        got = fr.load_tensor(tmp_path / "frag", t.name)
+        assert got.shape == tuple(reversed([int(d) for d in t.shape]))
+        np.testing.assert_array_equal(got, expected.reshape(got.shape))
+    assert fr.validate_folder(tmp_path / "frag").ok
+
+
+def test_interrupted_run_leaves_nothing(small_model: Path, tmp_path: Path) -> None:
+    def stop(done: int, total: int) -> None:
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024, progress=stop)
+    assert not (tmp_path / "frag").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [small_model.name]
+
+
+def test_refuses_non_empty_output_without_force(small_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "frag"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(fr.FragmenterError, match="not empty"):
+        fr.fragment_model(small_model, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    fr.fragment_model(small_model, out, force=True)
+    assert not (out / "precious.txt").exists() and fr.verify_folder(out).ok
+
+
+def test_verify_reports_bad_and_missing(small_model: Path, tmp_path: Path) -> None:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    frags = fr.read_manifest(tmp_path / "frag").fragments
+    victim, gone = frags[0], frags[1]
+    path = tmp_path / "frag" / victim.file_name
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    (tmp_path / "frag" / gone.file_name).unlink()
+    report = fr.verify_folder(tmp_path / "frag")
+    assert not report.ok
+    assert [fid for fid, _ in report.bad] == [victim.fragment_id]
+    assert report.missing == [gone.fragment_id]
+
+
+def test_assemble_refuses_a_corrupt_fragment_and_names_it(small_model: Path, tmp_path: Path) -> None:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    victim = fr.read_manifest(tmp_path / "frag").fragments[-1]
+    path = tmp_path / "frag" / victim.file_name
+    path.write_bytes(b"\0" * victim.size)
+    with pytest.raises(fr.FragmentError, match=victim.fragment_id):
+        fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
+    assert not (tmp_path / "back.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".back.gguf")]
+
+
+def test_rebuilt_manifest_describes_the_same_file(small_model: Path, tmp_path: Path) -> None:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    before = fr.read_manifest(tmp_path / "frag")
+    (tmp_path / "frag" / "manifest.json").unlink()
+    cid, n = fr.rebuild_manifest(tmp_path / "frag")
+    after = fr.read_manifest(tmp_path / "frag")
+    assert n == len(before.fragments)
+    assert after.file_sha256 == before.file_sha256
+    assert [(f.fragment_id, f.sha256, f.file_offset) for f in after.fragments] == [
+        (f.fragment_id, f.sha256, f.file_offset) for f in before.fragments
+    ]
+    assert cid == cid_of((tmp_path / "frag" / "manifest.json").read_bytes())
+
+
+def test_mixed_types_cover_the_issue_list() -> None:
+    assert {T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K} <= {t for _, t, _ in MIXED}
+    assert {1, 2, 3} <= {len(s) for _, _, s in MIXED}
