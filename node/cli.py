@@ -1,22 +1,268 @@
-"""`gguf-swarm`: the one console script. Fragmenter commands and node commands."""
+"""`gguf-swarm`: the one console script. Fragmenter commands and node commands.
+
+Configuration is read once here (TOML file, then flags over it) and passed
+down as a NodeConfig; nothing below reads files or the environment.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import signal
 import sys
+import tomllib
+from pathlib import Path
+from typing import Any
 
-from fragmenter.cli import add_fragmenter_commands, run
+import trio
+
+from fragmenter import FragmenterError, assemble, fragment_model
+from fragmenter.cli import add_fragmenter_commands, emit, parse_size, run
+from fragmenter.progress import ProgressBar, human_bytes
+from protocol import is_cid
+
+from .host import NodeError
+from .node import Node, NodeConfig, open_node
+from .pull import PullOptions, pull_model
+from .server import ServeLimits
+from .store import Store
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
+
+
+def load_config(args: argparse.Namespace) -> NodeConfig:
+    file: dict[str, Any] = {}
+    if args.config:
+        try:
+            file = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise NodeError(f"cannot read config {args.config}: {e}") from None
+    node = file.get("node", {})
+    serve = file.get("serve", {})
+    data_dir = args.data_dir or node.get("data_dir")
+    if not data_dir:
+        raise NodeError("--data-dir is required (or data_dir in the config file)")
+    try:
+        return NodeConfig(
+            data_dir=Path(data_dir).expanduser(),
+            listen=args.listen or node.get("listen") or [DEFAULT_LISTEN],
+            bootstrap=args.bootstrap or node.get("bootstrap") or [],
+            serve=ServeLimits(
+                max_total=int(serve.get("max_requests", 32)),
+                max_per_peer=int(serve.get("max_requests_per_peer", 8)),
+            ),
+            requests_per_peer=int(file.get("fetch", {}).get("requests_per_peer", 4)),
+        )
+    except (TypeError, ValueError) as e:
+        raise NodeError(f"bad value in config {args.config}: {e}") from None
+
+
+def _print_addrs(args: argparse.Namespace, node: Node) -> None:
+    addrs = node.addrs()
+    if args.json:
+        emit(args, "", event="listening", peer_id=str(node.peer_id), addrs=addrs)
+    else:
+        for a in addrs:
+            print(a, flush=True)
+
+
+async def _serve_forever(args: argparse.Namespace, node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            emit(args, "stopping", event="stopping")
+            return
+
+
+def _run_node(args: argparse.Namespace, body: Any) -> int:
+    async def main() -> int:
+        config = load_config(args)
+        async with open_node(config) as node:
+            _print_addrs(args, node)
+            return int(await body(node))
+
+    try:
+        return trio.run(main)
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _models_line(node: Node) -> list[dict[str, Any]]:
+    return [
+        {"model_cid": m.cid, "name": m.name, "complete": m.complete, "fragments": sum(m.have), "of": len(m.have)}
+        for m in node.store.models.values()
+    ]
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    async def body(node: Node) -> int:
+        for m in _models_line(node):
+            emit(
+                args,
+                f"serving {m['model_cid']} {m['name']} ({m['fragments']}/{m['of']} fragments)",
+                event="serving",
+                **m,
+            )
+        await _serve_forever(args, node)
+        return 0
+
+    return _run_node(args, body)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir or ".")
+    model = Path(args.model)
+    folder = data_dir / model.stem
+    bar = None if args.json else ProgressBar("fragment")
+    result = fragment_model(model, folder, args.chunk_size, args.force, bar)
+    if bar:
+        bar.close()
+    emit(
+        args,
+        f"published {result.model_cid} ({result.fragments} fragments) from {folder}",
+        event="published",
+        model_cid=result.model_cid,
+        folder=str(folder),
+        fragments=result.fragments,
+    )
+    return cmd_seed(args)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    if not is_cid(args.model_cid):
+        print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
+        return 2
+    bar = None if args.json else ProgressBar("pull")
+
+    def on_event(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event["event"] == "progress" and bar is not None:
+            bar.extra = f" peers {event['peers']}"
+            bar(event["done"], event["total"])
+        elif event["event"] == "bad_peer":
+            print(f"\nbanned peer {event['peer']}: sent corrupt bytes for {event['fragment']}", file=sys.stderr)
+
+    async def body(node: Node) -> int:
+        options = PullOptions(find_timeout=args.timeout, on_event=on_event)
+        model, stats = await pull_model(node, args.model_cid, options)
+        if bar:
+            bar.close()
+        speed = stats.bytes_fetched / max(stats.seconds, 1e-9)
+        emit(
+            args,
+            f"pulled {model.cid} into {model.folder}: {human_bytes(stats.bytes_fetched)} in "
+            f"{stats.seconds:.1f} s ({human_bytes(speed)}/s) from {len(stats.bytes_by_peer)} peers"
+            f"{f', {len(stats.bad_peers)} banned' if stats.bad_peers else ''}",
+            event="pulled",
+            model_cid=model.cid,
+            folder=str(model.folder),
+            bytes=stats.bytes_fetched,
+            seconds=round(stats.seconds, 3),
+            peers=len(stats.bytes_by_peer),
+            bytes_by_peer=stats.bytes_by_peer,
+            bad_peers=sorted(stats.bad_peers),
+            already_had=stats.already_had,
+        )
+        if args.output:
+            result = await trio.to_thread.run_sync(assemble, model.folder, Path(args.output), True, None)
+            emit(
+                args,
+                f"assembled {result.output} (sha256 {result.file_sha256}, matches the manifest)",
+                event="assembled",
+                output=str(result.output),
+                file_sha256=result.file_sha256,
+            )
+        if args.seed:
+            await _serve_forever(args, node)
+        return 0
+
+    try:
+        return _run_node(args, body)
+    except FragmenterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        print(f"error: {data_dir} is not a folder", file=sys.stderr)
+        return 1
+    store = Store(data_dir)
+    store.scan()
+    if not store.models:
+        emit(args, f"no models in {data_dir}", event="none")
+    for m in store.models.values():
+        state = "complete" if m.complete else f"{sum(m.have)}/{len(m.have)} fragments"
+        emit(
+            args,
+            f"{m.cid}  {m.name}  {human_bytes(m.manifest.total_bytes)}  {state}  {m.folder}",
+            event="model",
+            model_cid=m.cid,
+            name=m.name,
+            bytes=m.manifest.total_bytes,
+            complete=m.complete,
+            fragments=sum(m.have),
+            total_fragments=len(m.have),
+            folder=str(m.folder),
+        )
+    return 0
+
+
+def _node_arguments(p: argparse.ArgumentParser, data_dir_required: bool = False) -> None:
+    p.add_argument("--data-dir", help="folder of fragment folders (served; pulls land here)")
+    p.add_argument("--listen", action="append", help=f"multiaddr to listen on (repeatable; default {DEFAULT_LISTEN})")
+    p.add_argument("--bootstrap", action="append", help="multiaddr of a peer to join through (repeatable)")
+    p.add_argument("--config", help="TOML config file (flags override it)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gguf-swarm", description="Move GGUF models between machines, peer to peer.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_fragmenter_commands(sub)
+    p = sub.add_parser("seed", help="serve every model in the data dir and keep them announced")
+    _node_arguments(p)
+    p.set_defaults(func=cmd_seed)
+    p = sub.add_parser("publish", help="fragment a GGUF into the data dir, then seed")
+    p.add_argument("model")
+    p.add_argument("--chunk-size", type=parse_size, default=10 * 1024 * 1024)
+    p.add_argument("--force", action="store_true", help="replace an existing fragment folder")
+    _node_arguments(p)
+    p.set_defaults(func=cmd_publish)
+    p = sub.add_parser("pull", help="fetch a model by CID from the swarm, every fragment verified")
+    p.add_argument("model_cid")
+    p.add_argument("--output", "-o", help="also assemble the GGUF here (checked against file_sha256)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to look for peers (default 30)")
+    p.add_argument("--seed", action="store_true", help="keep serving after the pull")
+    _node_arguments(p)
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("models", help="list local models with their CIDs")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.CRITICAL,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if not getattr(args, "verbose", False):
+        # py-libp2p logs routine DHT stream resets as warnings, on its own handlers.
+        for name in ("libp2p", "multiaddr"):
+            lg = logging.getLogger(name)
+            lg.setLevel(logging.CRITICAL)
+            for h in lg.handlers:
+                h.setLevel(logging.CRITICAL)
+    if args.command in ("seed", "pull") and not args.data_dir and not args.config:
+        print("error: --data-dir is required", file=sys.stderr)
+        return 2
     return run(args, args.func)
 
 

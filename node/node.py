@@ -1,0 +1,194 @@
+"""A running node: host + Kademlia DHT + store + fragment server + announcer.
+
+`open_node(config)` starts everything and yields a `Node`; leaving the block
+stops it and closes the host (without `close()` py-libp2p leaks a socket).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.tools.anyio_service import background_trio_service
+
+from protocol import PROTOCOL_ID
+
+from .host import (
+    NodeError,
+    connect,
+    dialable_addrs,
+    load_or_create_identity,
+    make_host,
+    parse_multiaddr,
+    parse_peer_addr,
+)
+from .server import FragmentServer, ServeLimits
+from .store import LocalModel, Store
+
+log = logging.getLogger(__name__)
+REPUBLISH_SECONDS = 22 * 3600  # provider records expire after 48 h
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    serve: ServeLimits = field(default_factory=ServeLimits)
+    requests_per_peer: int = 4  # fetch slots per peer
+    provides_per_second: float = 5.0
+    # ADD_PROVIDER records accepted per sender per 10 s (py-libp2p drops the rest
+    # silently; its default of 10 would lose most fragment announcements).
+    provider_rate_max: int = 1000
+
+
+class Node:
+    def __init__(self, config: NodeConfig, host: IHost, dht: KadDHT, store: Store, server: FragmentServer) -> None:
+        self.config = config
+        self.host = host
+        self.dht = dht
+        self.store = store
+        self.server = server
+        self._model_queue: deque[str] = deque()
+        self._fragment_queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._wake = trio.Event()
+        self.announced: set[str] = set()
+
+    @property
+    def peer_id(self) -> ID:
+        return self.host.get_id()
+
+    def addrs(self) -> list[str]:
+        return dialable_addrs(self.host)
+
+    # ---- announcing -------------------------------------------------------
+
+    def announce_model(self, model: LocalModel) -> None:
+        """Queue the model CID (first) and every fragment CID held for providing."""
+        self._queue(model.cid, self._model_queue)
+        for cid, held in zip(model.fragment_cids, model.have, strict=True):
+            if held and cid:
+                self._queue(cid, self._fragment_queue)
+
+    def announce_fragment(self, cid: str) -> None:
+        self._queue(cid, self._fragment_queue)
+
+    def _queue(self, key: str, queue: deque[str]) -> None:
+        if key not in self._queued:
+            self._queued.add(key)
+            queue.append(key)
+            self._wake.set()
+
+    async def _announcer(self) -> None:
+        interval = 1.0 / self.config.provides_per_second
+        while True:
+            if not self._model_queue and not self._fragment_queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            key = (self._model_queue or self._fragment_queue).popleft()
+            self._queued.discard(key)
+            with trio.move_on_after(30):
+                try:
+                    if await self.dht.provide(key):
+                        self.announced.add(key)
+                except Exception as e:  # a DHT hiccup must not stop announcing
+                    log.warning("provide %s failed: %s", key, e)
+            await trio.sleep(interval)
+
+    async def _republisher(self) -> None:
+        while True:
+            await trio.sleep(REPUBLISH_SECONDS)
+            for model in list(self.store.models.values()):
+                self.announce_model(model)
+
+    # ---- peers ------------------------------------------------------------
+
+    async def connect_bootstrap(self) -> list[ID]:
+        """Dial every bootstrap peer; fail only if none answers."""
+        reached: list[ID] = []
+        errors: list[str] = []
+        for text in self.config.bootstrap:
+            info = parse_peer_addr(text)
+            if info.peer_id == self.peer_id:
+                continue
+            try:
+                await connect(self.host, info)
+                await self.dht.routing_table.add_peer(info.peer_id)
+                reached.append(info.peer_id)
+            except Exception as e:
+                errors.append(f"{text}: {type(e).__name__}")
+        if self.config.bootstrap and not reached and errors:
+            raise NodeError("no bootstrap peer reachable (" + "; ".join(errors) + ")")
+        return reached
+
+    async def find_providers(self, cid: str, timeout: float = 5.0) -> list[PeerInfo]:
+        found: dict[ID, PeerInfo] = {}
+        with trio.move_on_after(timeout):
+            try:
+                for info in await self.dht.find_providers(cid, count=20):
+                    if info.peer_id != self.peer_id:
+                        found.setdefault(info.peer_id, info)  # py-libp2p returns duplicates
+            except Exception as e:
+                log.info("find_providers %s failed: %s", cid, e)
+        for info in found.values():
+            if info.addrs:
+                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+        return list(found.values())
+
+    def connected_peers(self) -> list[ID]:
+        return [p for p in self.host.get_connected_peers() if p != self.peer_id]
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
+    data_dir = Path(config.data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".gguf-swarm-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise NodeError(f"data dir {data_dir} is not writable: {e.strerror}") from None
+    listen = [parse_multiaddr(a) for a in config.listen]
+    for text in config.bootstrap:
+        parse_peer_addr(text)  # fail fast on a malformed address
+    store = Store(data_dir)
+    await trio.to_thread.run_sync(store.scan)
+    key_pair = load_or_create_identity(store.state_dir)
+    host = make_host(key_pair)
+    server = FragmentServer(store, config.serve)
+    try:
+        async with host.run(listen_addrs=listen), trio.open_nursery() as nursery:
+            dht = KadDHT(host, DHTMode.SERVER)
+            dht._provider_rate_max = config.provider_rate_max
+            host.set_stream_handler(PROTOCOL_ID, server.handle)
+            node = Node(config, host, dht, store, server)
+            async with background_trio_service(dht):
+                await node.connect_bootstrap()
+                nursery.start_soon(node._announcer)
+                nursery.start_soon(node._republisher)
+                for model in store.models.values():
+                    if model.complete:
+                        node.announce_model(model)
+                yield node
+                nursery.cancel_scope.cancel()
+    except OSError as e:
+        raise NodeError(f"cannot listen on {', '.join(config.listen)}: {e.strerror or e}") from None
+    finally:
+        with trio.move_on_after(5, shield=True) as scope:
+            scope.shield = True
+            try:
+                await host.close()
+            except Exception:
+                pass

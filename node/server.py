@@ -1,0 +1,135 @@
+"""Serving manifests, have-sets and fragments to peers.
+
+The handler can never crash the node: every exception is caught, logged and
+answered by resetting the stream (an exception escaping a libp2p stream handler
+kills the whole host). Concurrent requests are capped per peer and in total;
+beyond the cap a peer gets a BUSY error at once rather than a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import INetStream
+
+from protocol import (
+    Data,
+    Error,
+    ErrorCode,
+    FragmentRequest,
+    FrameDecoder,
+    Have,
+    HaveRequest,
+    ManifestRequest,
+    ProtocolError,
+    encode_bitfield,
+    encode_frame,
+)
+
+from .store import Store
+from .streams import StreamClosed, read_message, send_message
+
+log = logging.getLogger(__name__)
+_WRITE = 1 << 20
+
+
+@dataclass
+class ServeLimits:
+    max_total: int = 32
+    max_per_peer: int = 8
+    request_timeout: float = 10.0  # to receive the request frame
+    send_timeout: float = 120.0  # to send one response
+
+
+@dataclass
+class FragmentServer:
+    store: Store
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    active: Counter[str] = field(default_factory=Counter)
+    served_bytes: int = 0
+    served_requests: int = 0
+
+    async def handle(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            if sum(self.active.values()) >= self.limits.max_total or self.active[peer] >= self.limits.max_per_peer:
+                await send_message(stream, Error(ErrorCode.BUSY, "too many requests, try later"))
+                await stream.close()
+                return
+            self.active[peer] += 1
+            try:
+                await self._serve(stream)
+            finally:
+                self.active[peer] -= 1
+                if not self.active[peer]:
+                    del self.active[peer]
+        except ProtocolError as e:
+            log.info("peer %s broke the protocol: %s", peer, e)
+            await _answer_then_reset(stream, Error(ErrorCode.BAD_REQUEST, str(e)))
+        except (StreamClosed, trio.TooSlowError) as e:
+            log.debug("request from %s ended early: %r", peer, e)
+            await _reset(stream)
+        except Exception:
+            log.exception("error serving %s", peer)
+            await _reset(stream)
+
+    async def _serve(self, stream: INetStream) -> None:
+        decoder = FrameDecoder()
+        with trio.fail_after(self.limits.request_timeout):
+            request = await read_message(stream, decoder)
+        with trio.fail_after(self.limits.send_timeout):
+            if isinstance(request, ManifestRequest):
+                model = self.store.models.get(request.model_cid)
+                if model is None:
+                    await send_message(stream, Error(ErrorCode.NOT_FOUND, "unknown model"))
+                else:
+                    await self._send_body(stream, model.manifest_bytes)
+            elif isinstance(request, HaveRequest):
+                model = self.store.models.get(request.model_cid)
+                if model is None:
+                    await send_message(stream, Error(ErrorCode.NOT_FOUND, "unknown model"))
+                else:
+                    await send_message(stream, Have(len(model.have), encode_bitfield(model.have)))
+            elif isinstance(request, FragmentRequest):
+                await self._send_fragment(stream, request)
+            else:
+                raise ProtocolError(f"{type(request).__name__} is not a request")
+            await stream.close()
+
+    async def _send_fragment(self, stream: INetStream, request: FragmentRequest) -> None:
+        blob = self.store.locate(request.cid)
+        if blob is None or request.offset > blob.size:
+            await send_message(stream, Error(ErrorCode.NOT_FOUND, "fragment not held here"))
+            return
+        data = await trio.to_thread.run_sync(self.store.read_verified, blob, request.offset, request.length)
+        if data is None:
+            await send_message(stream, Error(ErrorCode.NOT_FOUND, "fragment not held here"))
+            return
+        await self._send_body(stream, data)
+
+    async def _send_body(self, stream: INetStream, data: bytes) -> None:
+        await stream.write(encode_frame(Data(len(data))))
+        view = memoryview(data)
+        for start in range(0, len(data), _WRITE):
+            await stream.write(bytes(view[start : start + _WRITE]))
+        self.served_bytes += len(data)
+        self.served_requests += 1
+
+
+async def _reset(stream: INetStream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
+async def _answer_then_reset(stream: INetStream, error: Error) -> None:
+    try:
+        with trio.move_on_after(2):
+            await stream.write(encode_frame(error))
+    except Exception:
+        pass
+    await _reset(stream)

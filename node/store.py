@@ -1,0 +1,259 @@
+"""The fragment folders under a data dir, indexed by CID.
+
+Any folder with a `manifest.json` is a model (ours or the existing tool's); a
+pull writes into `DATA_DIR/<model CID>/`. The index is built at start from
+manifests and file sizes alone; hashes come from our manifests, or for the
+existing tool's (which have only 16-hex prefixes) from a cache keyed by file
+size and mtime, so nothing is re-hashed on every start. Bytes are verified
+once before they are first served. Synchronous file work: the node calls it
+through `trio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fragmenter import FragmenterError, Manifest, parse_manifest
+from fragmenter.fsio import fsync_dir
+from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME
+from protocol.cid import cid_from_hex, cid_of, digest_of_cid
+
+log = logging.getLogger(__name__)
+STATE_DIR = ".gguf-swarm"
+_HASH_CACHE = "hash-cache.json"
+PARTIAL_PREFIX = ".partial-"
+
+
+@dataclass
+class LocalModel:
+    cid: str
+    folder: Path
+    manifest: Manifest
+    manifest_bytes: bytes
+    fragment_cids: list[str]  # manifest order
+    header_cid: str | None
+    have: list[bool]
+    header_present: bool
+
+    @property
+    def complete(self) -> bool:
+        return self.header_present and all(self.have)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.model_name
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Where the bytes of one CID live, and what they must hash to."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass
+class Store:
+    data_dir: Path
+    models: dict[str, LocalModel] = field(default_factory=dict)
+    _blobs: dict[str, list[tuple[LocalModel, int]]] = field(default_factory=dict)  # cid -> (model, index | -1)
+    _verified: set[tuple[str, int, int]] = field(default_factory=set)  # (path, size, mtime_ns)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / STATE_DIR
+
+    def scan(self) -> None:
+        """(Re)index every model folder in the data dir."""
+        self.models.clear()
+        self._blobs.clear()
+        cache = self._load_hash_cache()
+        for folder in sorted(p for p in self.data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (folder / MANIFEST_NAME).is_file():
+                continue
+            for stale in folder.glob(PARTIAL_PREFIX + "*"):
+                stale.unlink(missing_ok=True)
+            try:
+                self._add_folder(folder, cache)
+            except (FragmenterError, OSError, ValueError) as e:
+                log.warning("skipping %s: %s", folder, e)
+        self._save_hash_cache(cache)
+
+    def _add_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
+        raw = (folder / MANIFEST_NAME).read_bytes()
+        manifest = parse_manifest(json.loads(raw), str(folder / MANIFEST_NAME))
+        cids: list[str] = []
+        have: list[bool] = []
+        for entry in manifest.fragments:
+            path = folder / entry.file_name
+            present = _size_of(path) == entry.size
+            sha = entry.sha256
+            if sha is None and present:
+                sha = _cached_sha256(path, cache)
+                if sha[:16] != entry.checksum:
+                    present, sha = False, None
+            cids.append(cid_from_hex(sha) if sha else "")
+            have.append(present and sha is not None)
+        header_sha = manifest.raw.get("header_sha256")
+        header_present = _size_of(folder / HEADER_NAME) == manifest.header_size
+        if header_sha is None and header_present:
+            header_sha = _cached_sha256(folder / HEADER_NAME, cache)
+        model = LocalModel(
+            cid=cid_of(raw),
+            folder=folder,
+            manifest=manifest,
+            manifest_bytes=raw,
+            fragment_cids=cids,
+            header_cid=cid_from_hex(header_sha) if header_sha else None,
+            have=have,
+            header_present=header_present,
+        )
+        self._index(model)
+        return model
+
+    def _index(self, model: LocalModel) -> None:
+        self.models[model.cid] = model
+        for i, cid in enumerate(model.fragment_cids):
+            if cid:
+                self._blobs.setdefault(cid, []).append((model, i))
+        if model.header_cid:
+            self._blobs.setdefault(model.header_cid, []).append((model, -1))
+
+    # ---- lookups for serving --------------------------------------------
+
+    def locate(self, cid: str) -> Blob | None:
+        for model, index in self._blobs.get(cid, []):
+            if index == -1:
+                if model.header_present:
+                    sha = model.manifest.raw.get("header_sha256") or ""
+                    return Blob(model.folder / HEADER_NAME, model.manifest.header_size, sha or _digest_hex(cid))
+            elif model.have[index]:
+                entry = model.manifest.fragments[index]
+                return Blob(model.folder / entry.file_name, entry.size, _digest_hex(cid))
+        return None
+
+    def read_verified(self, blob: Blob, offset: int = 0, length: int | None = None) -> bytes | None:
+        """The blob's bytes (or a range), or None if the file no longer matches its hash."""
+        try:
+            st = os.stat(blob.path)
+            key = (str(blob.path), st.st_size, st.st_mtime_ns)
+            with open(blob.path, "rb") as f:
+                if key not in self._verified:
+                    data = f.read()
+                    if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.sha256:
+                        log.error("local file %s does not match its hash; not serving it", blob.path)
+                        self._forget(blob)
+                        return None
+                    self._verified.add(key)
+                    return data[offset : None if length is None else offset + length]
+                f.seek(offset)
+                return f.read(-1 if length is None else length)
+        except OSError:
+            self._forget(blob)
+            return None
+
+    def _forget(self, blob: Blob) -> None:
+        for model in self.models.values():
+            for i, entry in enumerate(model.manifest.fragments):
+                if model.folder / entry.file_name == blob.path:
+                    model.have[i] = False
+
+    # ---- writing pulled models ------------------------------------------
+
+    def begin_model(self, cid: str, manifest_bytes: bytes) -> LocalModel:
+        """Create (or reopen, to resume) the folder a pull writes into."""
+        if cid in self.models:
+            return self.models[cid]
+        folder = self.data_dir / cid
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / MANIFEST_NAME).exists():
+            _write_atomic(folder / MANIFEST_NAME, manifest_bytes)
+        return self._add_folder(folder, {})
+
+    def add_blob(self, model: LocalModel, index: int, data: bytes) -> None:
+        """Write verified bytes under their final name (index -1: the header)."""
+        name = HEADER_NAME if index == -1 else model.manifest.fragments[index].file_name
+        _write_atomic(model.folder / name, data)
+        if index == -1:
+            model.header_present = True
+        else:
+            model.have[index] = True
+
+    def reverify(self, model: LocalModel) -> int:
+        """Hash every fragment present (after a crash); drop the ones that do not match."""
+        dropped = 0
+        for i, entry in enumerate(model.manifest.fragments):
+            if not model.have[i]:
+                continue
+            path = model.folder / entry.file_name
+            if not entry.matches_digest(_sha256_file(path)):
+                path.unlink(missing_ok=True)
+                model.have[i] = False
+                dropped += 1
+        return dropped
+
+    # ---- hash cache for the existing tool's folders ----------------------
+
+    def _load_hash_cache(self) -> dict[str, list]:
+        try:
+            data = json.loads((self.state_dir / _HASH_CACHE).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _save_hash_cache(self, cache: dict[str, list]) -> None:
+        if cache:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.state_dir / _HASH_CACHE, json.dumps(cache).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(PARTIAL_PREFIX + path.name)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
+def _cached_sha256(path: Path, cache: dict[str, list]) -> str:
+    st = path.stat()
+    key = str(path.resolve())
+    hit = cache.get(key)
+    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        return str(hit[2])
+    sha = _sha256_file(path)
+    cache[key] = [st.st_size, st.st_mtime_ns, sha]
+    return sha
+
+
+def _digest_hex(cid: str) -> str:
+    return digest_of_cid(cid).hex()

@@ -1,0 +1,50 @@
+"""Reading protocol messages and raw bodies from a libp2p stream.
+
+`stream.read(n)` returns whatever is buffered (up to n) and raises StreamEOF at
+the end instead of returning b"": these helpers loop for exact counts.
+"""
+
+from __future__ import annotations
+
+from libp2p.abc import INetStream
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+
+from protocol import FrameDecoder, Message, ProtocolError, encode_frame
+
+_READ = 256 * 1024
+
+
+class StreamClosed(Exception):
+    pass
+
+
+async def _read_some(stream: INetStream, n: int) -> bytes:
+    try:
+        data = await stream.read(n)
+    except (StreamError, MuxedStreamError, EOFError) as e:
+        raise StreamClosed(type(e).__name__) from None
+    if not data:
+        raise StreamClosed("stream ended")
+    return data
+
+
+async def read_message(stream: INetStream, decoder: FrameDecoder) -> Message:
+    while True:
+        msg = decoder.next_message()
+        if msg is not None:
+            return msg
+        decoder.receive_data(await _read_some(stream, _READ))
+
+
+async def read_body(stream: INetStream, decoder: FrameDecoder, size: int) -> bytearray:
+    body = bytearray(decoder.take_trailing())
+    if len(body) > size:
+        raise ProtocolError("more bytes than announced")
+    while len(body) < size:
+        body += await _read_some(stream, min(_READ, size - len(body)))
+    return body
+
+
+async def send_message(stream: INetStream, msg: Message) -> None:
+    await stream.write(encode_frame(msg))
