@@ -83,9 +83,28 @@ def _run_node(args: argparse.Namespace, body: Any) -> int:
 
     try:
         return trio.run(main)
-    except NodeError as e:
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap errors in groups; report the first user-facing one.
+        leaf = _first_leaf(group, (NodeError, FragmenterError, KeyboardInterrupt))
+        if leaf is None:
+            raise
+        if isinstance(leaf, KeyboardInterrupt):
+            raise leaf from None
+        print(f"error: {leaf}", file=sys.stderr)
+        return 1
+    except (NodeError, FragmenterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _first_leaf(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_leaf(inner, kinds)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, kinds) else None
 
 
 def _models_line(node: Node) -> list[dict[str, Any]]:
@@ -178,11 +197,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             await _serve_forever(args, node)
         return 0
 
-    try:
-        return _run_node(args, body)
-    except FragmenterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return _run_node(args, body)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

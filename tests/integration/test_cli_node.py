@@ -1,0 +1,132 @@
+"""The real `gguf-swarm` console script as subprocesses: seed, pull, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import fragmenter as fr
+from tests.conftest import GEMMA_SHA256, sha256_file
+from tests.integration.test_cli_errors import assert_one_line_error, gguf_swarm
+
+CLI = [sys.executable, "-m", "node.cli"]
+LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0"]
+
+
+@contextmanager
+def seed_process(data_dir: Path) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [*CLI, "seed", "--data-dir", str(data_dir), *LISTEN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        addr = proc.stdout.readline().strip()
+        assert "/p2p/12D3" in addr, proc.stderr.read() if proc.poll() is not None else addr
+        yield addr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def pull(cid: str, data_dir: Path, bootstrap: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "pull", cid, "--data-dir", str(data_dir), *LISTEN, "--bootstrap", bootstrap, "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def events(proc: subprocess.CompletedProcess[str]) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_seed_and_two_pullers_on_gemma(gemma_folder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "seed"
+    data.mkdir()
+    (data / "gemma").symlink_to(gemma_folder, target_is_directory=True)
+    cid = fr.read_manifest(gemma_folder)
+    model_cid = json.loads(gguf_swarm("models", "--data-dir", str(data), "--json").stdout.splitlines()[0])["model_cid"]
+    with seed_process(data) as addr:
+        for name in ("p1", "p2"):
+            out = tmp_path / f"{name}.gguf"
+            proc = pull(model_cid, tmp_path / name, addr, "--output", str(out))
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            done = [e for e in events(proc) if e["event"] == "pulled"][0]
+            assert done["bytes"] == cid.total_bytes
+            assert sha256_file(out) == GEMMA_SHA256
+
+
+def test_puller_killed_and_restarted_resumes(tmp_path: Path) -> None:
+    from tests.integration.test_swarm import model_folder
+
+    model, folder = model_folder(tmp_path / "seed")
+    model_cid = json.loads(gguf_swarm("models", "--data-dir", str(tmp_path / "seed"), "--json").stdout)["model_cid"]
+    with seed_process(tmp_path / "seed") as addr:
+        proc = subprocess.Popen(
+            [*CLI, "pull", model_cid, "--data-dir", str(tmp_path / "p"), *LISTEN, "--bootstrap", addr, "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("{") and json.loads(line).get("fragments_done", 0) >= 3:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        held = [p for p in (tmp_path / "p" / model_cid).glob("*.dat") if p.name != "gguf_header.dat"]
+        assert held, "the killed puller should have verified some fragments"
+        again = pull(model_cid, tmp_path / "p", addr, "--output", str(tmp_path / "out.gguf"))
+        assert again.returncode == 0, again.stderr[-2000:]
+        done = [e for e in events(again) if e["event"] == "pulled"][0]
+        assert done["already_had"] >= len(held) - 1 and done["bytes"] < fr.read_manifest(folder).total_bytes
+    assert sha256_file(tmp_path / "out.gguf") == sha256_file(model)
+    assert not list((tmp_path / "p" / model_cid).glob(".partial-*"))
+
+
+def test_unknown_cid_fails_after_a_bounded_wait(tmp_path: Path) -> None:
+    with seed_process(tmp_path / "seed") as addr:
+        start = time.monotonic()
+        unknown = "bafkreibm6jg3ux5qumhcn2b3flc3tyu6dmlb4xa7u5bf44yegnrjhc4yeq"
+        proc = subprocess.run(
+            [*CLI, "pull", unknown, "--data-dir", str(tmp_path / "p"), *LISTEN, "--bootstrap", addr, "--timeout", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert_one_line_error(proc, "no peer has model")
+        assert time.monotonic() - start < 60
+
+
+def test_node_bad_input(tmp_path: Path) -> None:
+    cid = "bafkreibm6jg3ux5qumhcn2b3flc3tyu6dmlb4xa7u5bf44yegnrjhc4yeq"
+    proc = gguf_swarm("pull", cid, "--data-dir", str(tmp_path / "d"), "--bootstrap", "not-a-multiaddr")
+    assert_one_line_error(proc, "not a valid multiaddr")
+    proc = gguf_swarm(
+        "pull",
+        cid,
+        "--data-dir",
+        str(tmp_path / "d"),
+        *LISTEN,
+        "--bootstrap",
+        "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWKGToymYguLNXsYxwT6WaS58q1rsX7pbFLWCD4Chowquc",
+    )
+    assert_one_line_error(proc, "no bootstrap peer reachable")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(gguf_swarm("seed", "--data-dir", str(blocker / "d"), *LISTEN), "not writable")
+    proc = gguf_swarm("pull", "QmNotACid", "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode != 0 and "not a model CID" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,156 @@
+"""Real libp2p nodes in one process on 127.0.0.1, real fragment folders."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import msgpack
+import trio
+from gguf import GGMLQuantizationType as T
+
+import fragmenter as fr
+from node.node import Node, NodeConfig, open_node
+from node.pull import PullOptions, pull_model
+from node.streams import read_message, send_message
+from protocol import PROTOCOL_ID, Data, Error, FragmentRequest, FrameDecoder, HaveRequest, ManifestRequest
+from tests.conftest import sha256_file
+from tests.gguf_factory import write_model
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def model_folder(base: Path, name: str = "swarm-model") -> tuple[Path, Path]:
+    """A ~1.3 MB model cut into ~40 fragments, inside data dir `base`."""
+    tensors = [(f"blk.{i}.ffn_up.weight", T.F32, (64, 1024)) for i in range(5)]
+    model = write_model(base.parent / f"{name}.gguf", tensors, vocab=False)
+    folder = base / name
+    fr.fragment_model(model, folder, chunk_size=32 * 1024)
+    return model, folder
+
+
+@asynccontextmanager
+async def node_at(data_dir: Path, bootstrap: list[str] | None = None) -> AsyncIterator[Node]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    async with open_node(NodeConfig(data_dir, listen=LOOPBACK, bootstrap=bootstrap or [])) as node:
+        yield node
+
+
+async def test_five_node_swarm_two_pullers_know_only_a_bootstrap_node(tmp_path: Path) -> None:
+    model, _ = model_folder(tmp_path / "seed")
+    cid = fr.read_manifest(tmp_path / "seed" / "swarm-model")
+    async with AsyncExitStack() as stack:
+        boot = await stack.enter_async_context(node_at(tmp_path / "boot"))
+        entry = boot.addrs()[:1]
+        seed = await stack.enter_async_context(node_at(tmp_path / "seed", entry))
+        for i in range(2):
+            await stack.enter_async_context(node_at(tmp_path / f"idle{i}", entry))
+        model_cid = next(iter(seed.store.models))
+        p1 = await stack.enter_async_context(node_at(tmp_path / "p1", entry))
+        got1, stats1 = await pull_model(p1, model_cid, PullOptions(find_timeout=20))
+        assert got1.complete and stats1.bytes_by_peer == {str(seed.peer_id): cid.total_bytes}
+        p2 = await stack.enter_async_context(node_at(tmp_path / "p2", entry))
+        got2, stats2 = await pull_model(p2, model_cid, PullOptions(find_timeout=20))
+        assert got2.complete
+        assert set(stats2.bytes_by_peer) == {str(seed.peer_id), str(p1.peer_id)}  # fetched from both holders
+    for got in (got1, got2):
+        assert fr.verify_folder(got.folder).ok
+        fr.assemble(got.folder, got.folder.parent / "out.gguf")
+        assert sha256_file(got.folder.parent / "out.gguf") == sha256_file(model)
+        assert (got.folder / "gguf_header.dat").exists()
+
+
+async def test_corrupt_peer_is_banned_and_the_honest_one_serves(tmp_path: Path) -> None:
+    model, folder = model_folder(tmp_path / "honest")
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    (evil_dir / folder.name).mkdir()
+    for p in folder.iterdir():
+        (evil_dir / folder.name / p.name).write_bytes(p.read_bytes())
+    async with node_at(tmp_path / "honest") as honest, node_at(evil_dir) as evil:
+
+        def lying_read(blob, offset=0, length=None):  # type: ignore[no-untyped-def]
+            data = bytearray(Path(blob.path).read_bytes())
+            data[len(data) // 2] ^= 0xFF  # a hostile peer: right size, wrong bytes
+            return bytes(data)
+
+        evil.store.read_verified = lying_read  # type: ignore[method-assign]
+        model_cid = next(iter(honest.store.models))
+        async with node_at(tmp_path / "puller", honest.addrs()[:1] + evil.addrs()[:1]) as puller:
+            got, stats = await pull_model(puller, model_cid, PullOptions(find_timeout=20))
+    assert stats.bad_peers == {str(evil.peer_id)}
+    assert fr.verify_folder(got.folder).ok
+    fr.assemble(got.folder, tmp_path / "out.gguf")
+    assert sha256_file(tmp_path / "out.gguf") == sha256_file(model)
+
+
+async def test_provider_disappearing_mid_pull(tmp_path: Path) -> None:
+    model, folder = model_folder(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / folder.name).mkdir()
+    for p in folder.iterdir():
+        (tmp_path / "b" / folder.name / p.name).write_bytes(p.read_bytes())
+    async with node_at(tmp_path / "a") as a, trio.open_nursery() as outer:
+        model_cid = next(iter(a.store.models))
+        b_scope = trio.CancelScope()
+        b_ready: list[Node] = []
+
+        async def run_b(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+            with b_scope:
+                async with node_at(tmp_path / "b") as b:
+                    b_ready.append(b)
+                    task_status.started()
+                    await trio.sleep_forever()
+
+        await outer.start(run_b)
+        b = b_ready[0]
+        async with node_at(tmp_path / "puller", a.addrs()[:1] + b.addrs()[:1]) as puller:
+
+            def on_event(e: dict) -> None:
+                if e["event"] == "progress" and e["fragments_done"] >= 5:
+                    b_scope.cancel()  # b vanishes mid-pull
+
+            result = [await pull_model(puller, model_cid, PullOptions(on_event=on_event))]
+        got, _ = result[0]
+    fr.assemble(got.folder, tmp_path / "out.gguf")
+    assert sha256_file(tmp_path / "out.gguf") == sha256_file(model)
+
+
+async def test_malformed_frames_leave_the_server_serving(tmp_path: Path) -> None:
+    _, folder = model_folder(tmp_path / "seed")
+    manifest = fr.read_manifest(folder)
+    async with node_at(tmp_path / "seed") as seed, node_at(tmp_path / "client", seed.addrs()[:1]) as client:
+        model_cid = next(iter(seed.store.models))
+        garbage = [
+            b"\xff\xff\xff\xff",  # absurd length
+            b"\x00\x00\x00\x03abc",  # not msgpack
+            len(msgpack.packb({"t": "launch"})).to_bytes(4, "big") + msgpack.packb({"t": "launch"}),
+            b"\x00\x00",  # truncated, then the stream closes
+        ]
+        for raw in garbage:
+            stream = await client.host.new_stream(seed.peer_id, [PROTOCOL_ID])
+            await stream.write(raw)
+            await stream.close()
+        # A request that is valid but asks for what is not there.
+        stream = await client.host.new_stream(seed.peer_id, [PROTOCOL_ID])
+        await send_message(stream, ManifestRequest(manifest.fragments and next(iter(seed.store.models))[:-1] + "a"))
+        answer = await read_message(stream, FrameDecoder())
+        assert isinstance(answer, Error)
+        # Still alive and serving real requests.
+        stream = await client.host.new_stream(seed.peer_id, [PROTOCOL_ID])
+        await send_message(stream, HaveRequest(model_cid))
+        have = await read_message(stream, FrameDecoder())
+        assert have.count == len(manifest.fragments)
+        entry = manifest.fragments[0]
+        stream = await client.host.new_stream(seed.peer_id, [PROTOCOL_ID])
+        await send_message(stream, FragmentRequest(entry_cid := seed.store.models[model_cid].fragment_cids[0]))
+        decoder = FrameDecoder()
+        header = await read_message(stream, decoder)
+        assert header == Data(entry.size)
+        assert entry_cid
+        body = decoder.take_trailing()
+        while len(body) < entry.size:
+            body += await stream.read(entry.size - len(body))
+        assert hashlib.sha256(body).hexdigest() == entry.sha256
