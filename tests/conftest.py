@@ -8,7 +8,7 @@ import pytest
 
 from tests.gguf_factory import MIXED, write_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # copied from shared/fixtures (llama.cpp token ids)
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fragmenter as fr
-from tests.conftest import GEMMA_SHA256, SHARED, sha256_file
+from tests.conftest import FIXTURES, GEMMA_SHA256, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_validate_whole_model(gemma_folder: Path) -> None:
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
 def test_tokenizer_matches_llama_cpp(gemma_folder: Path, name: str) -> None:
-    cases = json.loads((SHARED / "fixtures" / "gemma3-270m-q4_k_m.tokens.json").read_text())
+    cases = json.loads((FIXTURES / "gemma3-270m-q4_k_m.tokens.json").read_text())
     if name == "tokenizer.json":
         tokenizers = pytest.importorskip("tokenizers")
         tok = tokenizers.Tokenizer.from_file(str(gemma_folder / name))
