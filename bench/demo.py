@@ -36,8 +36,12 @@ def main() -> int:
     print(f"model: {model} ({model.stat().st_size:,} bytes)")
     seed_dir = work / "seed"
     t = time.monotonic()
-    out = subprocess.run([*CLI, "fragment", str(model), "--output", str(seed_dir / "gemma"), "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*CLI, "fragment", str(model), "--output", str(seed_dir / "gemma"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     cid = json.loads(out.stdout.splitlines()[-1])["model_cid"]
     print(f"fragmented in {time.monotonic() - t:.1f} s -> model CID {cid}")
     seed = subprocess.Popen([*CLI, "seed", "--data-dir", str(seed_dir), *LISTEN], stdout=subprocess.PIPE, text=True)
@@ -50,8 +54,24 @@ def main() -> int:
             target = work / f"{name}.gguf"
             t = time.monotonic()
             # Puller 1 keeps serving (--seed), so puller 2 fetches from both holders.
-            proc = subprocess.Popen([*CLI, "pull", cid, "--data-dir", str(work / name), *LISTEN, "--bootstrap", addr,
-                                     "--output", str(target), "--json", "--seed"], stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [
+                    *CLI,
+                    "pull",
+                    cid,
+                    "--data-dir",
+                    str(work / name),
+                    *LISTEN,
+                    "--bootstrap",
+                    addr,
+                    "--output",
+                    str(target),
+                    "--json",
+                    "--seed",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             keep.append(proc)
             done = None
             for line in proc.stdout:  # type: ignore[union-attr]
@@ -64,9 +84,11 @@ def main() -> int:
                 print(f"{name} failed (exit {proc.wait()})")
                 return 1
             ok = sha256(target) == original
-            print(f"{name}: {done['bytes'] / 1e6:.0f} MB from {done['peers']} peer(s) in {done['seconds']:.1f} s "
-                  f"({done['bytes'] / 1e6 / done['seconds']:.0f} MB/s), with assembly {time.monotonic() - t:.1f} s; "
-                  f"assembled file {'== original' if ok else 'DIFFERS'}")
+            print(
+                f"{name}: {done['bytes'] / 1e6:.0f} MB from {done['peers']} peer(s) in {done['seconds']:.1f} s "
+                f"({done['bytes'] / 1e6 / done['seconds']:.0f} MB/s), with assembly {time.monotonic() - t:.1f} s; "
+                f"assembled file {'== original' if ok else 'DIFFERS'}"
+            )
             if not ok:
                 return 1
     finally:

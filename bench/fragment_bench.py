@@ -38,8 +38,13 @@ def synthetic_model(path: Path, gigabytes: float) -> Path:
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(n)
     for i in range(n):
-        w.add_tensor_info(f"blk.{i}.ffn_up.weight", (rows, row_bytes), np.dtype(np.uint8), rows * row_bytes,
-                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor_info(
+            f"blk.{i}.ffn_up.weight",
+            (rows, row_bytes),
+            np.dtype(np.uint8),
+            rows * row_bytes,
+            raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -64,8 +69,11 @@ def bench(model: Path, work: Path) -> None:
     out = work / "frag"
     t_frag, rss = timed([sys.executable, "-m", "fragmenter", str(model), "--output", str(out), "--force"])
     shutil.rmtree(out)
-    print(f"{model.name}: {size / 1e6:,.0f} MB | cp+sha256sum {baseline:.2f} s | fragment {t_frag:.2f} s "
-          f"({size / 1e6 / t_frag:,.0f} MB/s) | ratio {t_frag / baseline:.2f} | peak RSS {rss:.0f} MB", flush=True)
+    print(
+        f"{model.name}: {size / 1e6:,.0f} MB | cp+sha256sum {baseline:.2f} s | fragment {t_frag:.2f} s "
+        f"({size / 1e6 / t_frag:,.0f} MB/s) | ratio {t_frag / baseline:.2f} | peak RSS {rss:.0f} MB",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from protocol import PROTOCOL_ID, Data, Error, ErrorCode, FrameDecoder, Have, HaveRequest, ProtocolError, Request
@@ -18,7 +18,7 @@ class RemoteError(Exception):
         self.code = code
 
 
-async def _open(host: IHost, peer: ID, request: Request):  # type: ignore[no-untyped-def]
+async def _open(host: IHost, peer: ID, request: Request) -> INetStream:
     stream = await host.new_stream(peer, [PROTOCOL_ID])
     await send_message(stream, request)
     return stream
@@ -55,7 +55,7 @@ async def request_have(host: IHost, peer: ID, request: HaveRequest) -> Have:
         await _close_quietly(stream)
 
 
-async def _close_quietly(stream) -> None:  # type: ignore[no-untyped-def]
+async def _close_quietly(stream: INetStream) -> None:
     try:
         await stream.close()
     except Exception:
