@@ -11,7 +11,6 @@ import json
 import logging
 import signal
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +21,23 @@ from fragmenter.cli import add_fragmenter_commands, emit, parse_size, run
 from fragmenter.progress import ProgressBar, human_bytes
 from protocol import is_cid
 
+from .config import DEFAULT_LISTEN, node_config, read_config_file
 from .host import NodeError
 from .node import Node, NodeConfig, open_node
 from .pull import PullOptions, pull_model
-from .server import ServeLimits
 from .store import Store
-
-DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 
 
 def load_config(args: argparse.Namespace) -> NodeConfig:
-    file: dict[str, Any] = {}
-    if args.config:
-        try:
-            file = tomllib.loads(Path(args.config).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise NodeError(f"cannot read config {args.config}: {e}") from None
-    node = file.get("node", {})
-    serve = file.get("serve", {})
-    data_dir = args.data_dir or node.get("data_dir")
-    if not data_dir:
-        raise NodeError("--data-dir is required (or data_dir in the config file)")
-    try:
-        return NodeConfig(
-            data_dir=Path(data_dir).expanduser(),
-            listen=args.listen or node.get("listen") or [DEFAULT_LISTEN],
-            bootstrap=args.bootstrap or node.get("bootstrap") or [],
-            serve=ServeLimits(
-                max_total=int(serve.get("max_requests", 32)),
-                max_per_peer=int(serve.get("max_requests_per_peer", 8)),
-            ),
-            requests_per_peer=int(file.get("fetch", {}).get("requests_per_peer", 4)),
-        )
-    except (TypeError, ValueError) as e:
-        raise NodeError(f"bad value in config {args.config}: {e}") from None
+    doc = read_config_file(args.config) if args.config else {}
+    config = node_config(doc, args, source=args.config or "flags")
+    if args.upload_rate is not None:
+        config.serve.upload_rate = args.upload_rate or None
+    return config
+
+
+def _rate(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def _print_addrs(args: argparse.Namespace, node: Node) -> None:
@@ -168,17 +150,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
         model, stats = await pull_model(node, args.model_cid, options)
         if bar:
             bar.close()
-        speed = stats.bytes_fetched / max(stats.seconds, 1e-9)
+        speed = stats.bytes_fetched / max(stats.transfer_seconds, 1e-9)
         emit(
             args,
             f"pulled {model.cid} into {model.folder}: {human_bytes(stats.bytes_fetched)} in "
-            f"{stats.seconds:.1f} s ({human_bytes(speed)}/s) from {len(stats.bytes_by_peer)} peers"
+            f"{stats.seconds:.1f} s (transfer {stats.transfer_seconds:.1f} s, {human_bytes(speed)}/s) "
+            f"from {len(stats.bytes_by_peer)} peers"
             f"{f', {len(stats.bad_peers)} banned' if stats.bad_peers else ''}",
             event="pulled",
             model_cid=model.cid,
             folder=str(model.folder),
             bytes=stats.bytes_fetched,
             seconds=round(stats.seconds, 3),
+            transfer_seconds=round(stats.transfer_seconds, 3),
             peers=len(stats.bytes_by_peer),
             bytes_by_peer=stats.bytes_by_peer,
             bad_peers=sorted(stats.bad_peers),
@@ -231,6 +215,12 @@ def _node_arguments(p: argparse.ArgumentParser, data_dir_required: bool = False)
     p.add_argument("--listen", action="append", help=f"multiaddr to listen on (repeatable; default {DEFAULT_LISTEN})")
     p.add_argument("--bootstrap", action="append", help="multiaddr of a peer to join through (repeatable)")
     p.add_argument("--config", help="TOML config file (flags override it)")
+    p.add_argument(
+        "--upload-rate",
+        type=_rate,
+        metavar="SIZE",
+        help="cap on bytes served per second, all peers together (e.g. 50MB; 0: unlimited)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
 

@@ -1,4 +1,12 @@
-"""Asking one peer for one thing: a request on a fresh stream, the answer checked."""
+"""Asking a peer for things: a `Session` is one stream carrying requests in
+order, with answers read back in the same order.
+
+Pipelining on one long-lived stream is what makes fetching fast in py-libp2p:
+its Yamux window auto-tunes per stream (a fresh stream starts at 256 KiB), and
+several busy streams to one peer are far slower than one (measured on loopback,
+Gemma fragments: one pipelined stream 143 MB/s, a fresh stream per fragment
+83 MB/s, four concurrent streams 30-39 MB/s).
+"""
 
 from __future__ import annotations
 
@@ -18,45 +26,73 @@ class RemoteError(Exception):
         self.code = code
 
 
-async def _open(host: IHost, peer: ID, request: Request) -> INetStream:
-    stream = await host.new_stream(peer, [PROTOCOL_ID])
-    await send_message(stream, request)
-    return stream
+class Session:
+    """Requests written to one stream; answers read back in request order.
 
+    Reads fail with trio.TooSlowError when the peer sends nothing for
+    `stall_timeout` seconds: a slow peer that keeps sending is fine, a stuck
+    one is not (BitTorrent's "snubbed")."""
 
-async def request_body(host: IHost, peer: ID, request: Request, max_size: int) -> bytes:
-    """Send `request`; return the raw body of the Data answer (at most max_size bytes)."""
-    stream = await _open(host, peer, request)
-    try:
-        decoder = FrameDecoder()
-        answer = await read_message(stream, decoder)
-        if isinstance(answer, Error):
-            raise RemoteError(answer.code, answer.message)
+    def __init__(self, stream: INetStream, stall_timeout: float = 30.0) -> None:
+        self.stream = stream
+        self.stall_timeout = stall_timeout
+        self._decoder = FrameDecoder()
+
+    @classmethod
+    async def open(cls, host: IHost, peer: ID, stall_timeout: float = 30.0) -> Session:
+        return cls(await host.new_stream(peer, [PROTOCOL_ID]), stall_timeout)
+
+    async def send(self, request: Request) -> None:
+        await send_message(self.stream, request)
+
+    async def read_data(self, max_size: int) -> bytes:
+        """The next answer, which must be Data of at most max_size bytes: its raw body."""
+        answer = await self._answer()
         if not isinstance(answer, Data):
             raise ProtocolError(f"expected data, got {type(answer).__name__}")
         if answer.size > max_size:
             raise ProtocolError(f"peer announced {answer.size} bytes, expected at most {max_size}")
-        body = await read_body(stream, decoder, answer.size)
-        return bytes(body)
-    finally:
-        await _close_quietly(stream)
+        return bytes(await read_body(self.stream, self._decoder, answer.size, self.stall_timeout))
 
-
-async def request_have(host: IHost, peer: ID, request: HaveRequest) -> Have:
-    stream = await _open(host, peer, request)
-    try:
-        answer = await read_message(stream, FrameDecoder())
-        if isinstance(answer, Error):
-            raise RemoteError(answer.code, answer.message)
+    async def read_have(self) -> Have:
+        answer = await self._answer()
         if not isinstance(answer, Have):
             raise ProtocolError(f"expected have, got {type(answer).__name__}")
         return answer
-    finally:
-        await _close_quietly(stream)
+
+    async def _answer(self) -> object:
+        answer = await read_message(self.stream, self._decoder, self.stall_timeout)
+        if isinstance(answer, Error):
+            raise RemoteError(answer.code, answer.message)
+        return answer
+
+    async def close(self) -> None:
+        try:
+            await self.stream.close()
+        except Exception:
+            pass
+
+    async def reset(self) -> None:
+        try:
+            await self.stream.reset()
+        except Exception:
+            pass
 
 
-async def _close_quietly(stream: INetStream) -> None:
+async def request_body(host: IHost, peer: ID, request: Request, max_size: int) -> bytes:
+    """One request on its own stream; the raw body of the Data answer."""
+    session = await Session.open(host, peer)
     try:
-        await stream.close()
-    except Exception:
-        pass
+        await session.send(request)
+        return await session.read_data(max_size)
+    finally:
+        await session.close()
+
+
+async def request_have(host: IHost, peer: ID, request: HaveRequest) -> Have:
+    session = await Session.open(host, peer)
+    try:
+        await session.send(request)
+        return await session.read_have()
+    finally:
+        await session.close()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,10 @@ class NodeConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     bootstrap: list[str] = field(default_factory=list)
     serve: ServeLimits = field(default_factory=ServeLimits)
-    requests_per_peer: int = 4  # fetch slots per peer
+    # Requests queued on each peer's stream: enough to keep it busy (many small
+    # fragments or two large ones), few enough that the endgame stays short.
+    requests_per_peer: int = 16
+    request_bytes_per_peer: int = 24 << 20
     provides_per_second: float = 5.0
     # ADD_PROVIDER records accepted per sender per 10 s (py-libp2p drops the rest
     # silently; its default of 10 would lose most fragment announcements).
@@ -62,6 +65,7 @@ class Node:
         self._fragment_queue: deque[str] = deque()
         self._queued: set[str] = set()
         self._wake = trio.Event()
+        self._pulls_transferring = 0
         self.announced: set[str] = set()
 
     @property
@@ -89,10 +93,23 @@ class Node:
             queue.append(key)
             self._wake.set()
 
+    @contextmanager
+    def transferring(self) -> Iterator[None]:
+        """While a pull transfers, fragment CIDs wait (model CIDs do not): each
+        provide is a DHT lookup whose CPU would slow the transfer, and peers
+        find a puller through its model CID and have-set anyway."""
+        self._pulls_transferring += 1
+        try:
+            yield
+        finally:
+            self._pulls_transferring -= 1
+            self._wake.set()
+
     async def _announcer(self) -> None:
         interval = 1.0 / self.config.provides_per_second
         while True:
-            if not self._model_queue and not self._fragment_queue:
+            fragments_wait = self._pulls_transferring > 0
+            if not self._model_queue and (fragments_wait or not self._fragment_queue):
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue

@@ -1,9 +1,13 @@
 """Which fragment to ask which peer for: a pure object, fed events, asked for decisions.
 
 Theory of operation (after libtorrent's piece picker):
-- Each peer has a few request slots (`per_peer`); free slots are filled with
-  the rarest missing fragment the peer has that nobody is fetching yet
-  (random among equally rare, so pullers of one model spread out).
+- Each peer has a request queue bounded by count (`per_peer`) and by bytes
+  (`per_peer_bytes`): enough requests in flight to keep its stream busy, so
+  many small fragments or a few large ones. Free room is filled with the
+  rarest missing fragment the peer has that nobody is fetching yet (random
+  among equally rare, so pullers of one model spread out).
+- A fragment whose bytes have arrived (`received`) frees its slot at once and
+  waits for verification without blocking the peer's queue.
 - Endgame: when every missing fragment is already being fetched, an idle slot
   may fetch a fragment a second time from another peer (`endgame_copies`);
   the first verified copy wins and the others are cancelled.
@@ -25,7 +29,8 @@ Peer = Hashable
 @dataclass
 class _PeerState:
     have: set[int]
-    inflight: set[int] = field(default_factory=set)
+    inflight: set[int] = field(default_factory=set)  # requested, bytes not all here yet
+    inflight_bytes: int = 0
     failures: int = 0
 
 
@@ -38,16 +43,21 @@ class Scheduler:
         endgame_copies: int = 2,
         max_failures: int = 3,
         rng: random.Random | None = None,
+        sizes: list[int] | None = None,
+        per_peer_bytes: int | None = None,
     ) -> None:
         self.count = count
         self.have: set[int] = set(have or ())
         self.per_peer = per_peer
+        self.sizes = sizes or [1] * count
+        self.per_peer_bytes = per_peer_bytes
         self.endgame_copies = endgame_copies
         self.max_failures = max_failures
         self.rng = rng or random.Random()
         self.peers: dict[Peer, _PeerState] = {}
         self.banned: set[Peer] = set()
         self.fetching: dict[int, set[Peer]] = {}  # fragment -> peers fetching it
+        self.verifying: dict[int, set[Peer]] = {}  # fragment -> peers whose copy is being verified
         self.availability = [0] * count
 
     # ---- events ----------------------------------------------------------
@@ -77,27 +87,38 @@ class Scheduler:
             self._unfetch(peer, i)
         return sorted(state.inflight)
 
+    def received(self, peer: Peer, index: int) -> None:
+        """All bytes of a request arrived; verification follows. Frees the peer's slot."""
+        state = self.peers.get(peer)
+        if state is not None:
+            self._drop_inflight(state, index)
+        self._unfetch(peer, index)
+        if index not in self.have:
+            self.verifying.setdefault(index, set()).add(peer)
+
     def verified(self, peer: Peer, index: int) -> list[tuple[Peer, int]]:
         """A fragment arrived and passed verification. Returns duplicate
         requests (endgame) that should now be cancelled."""
         self.have.add(index)
+        self.verifying.pop(index, None)
         state = self.peers.get(peer)
         if state is not None:
             state.failures = 0
-            state.inflight.discard(index)
+            self._drop_inflight(state, index)
         others = [p for p in self.fetching.pop(index, set()) if p != peer]
         for p in others:
             if p in self.peers:
-                self.peers[p].inflight.discard(index)
+                self._drop_inflight(self.peers[p], index)
         return [(p, index) for p in others]
 
     def failed(self, peer: Peer, index: int, bad_data: bool = False) -> None:
         """A request failed: an error, a timeout, or (bad_data) bytes that did not verify."""
         state = self.peers.get(peer)
         if state is not None:
-            state.inflight.discard(index)
+            self._drop_inflight(state, index)
             state.failures += 1
         self._unfetch(peer, index)
+        self._unverify(peer, index)
         if bad_data:
             self.banned.add(peer)
             self.peer_left(peer)
@@ -107,7 +128,7 @@ class Scheduler:
     def cancelled(self, peer: Peer, index: int) -> None:
         state = self.peers.get(peer)
         if state is not None:
-            state.inflight.discard(index)
+            self._drop_inflight(state, index)
         self._unfetch(peer, index)
 
     # ---- decisions -------------------------------------------------------
@@ -132,33 +153,55 @@ class Scheduler:
         while progress:  # one request per peer per round, so slots are shared fairly
             progress = False
             for peer, state in peers:
-                if len(state.inflight) >= self.per_peer or peer not in self.peers:
+                if self._queue_full(state) or peer not in self.peers:
                     continue
                 index = self._pick(peer, state)
                 if index is None:
                     continue
                 state.inflight.add(index)
+                state.inflight_bytes += self.sizes[index]
                 self.fetching.setdefault(index, set()).add(peer)
                 out.append((peer, index))
                 progress = True
         return out
 
+    def _queue_full(self, state: _PeerState) -> bool:
+        if len(state.inflight) >= self.per_peer:
+            return True
+        return self.per_peer_bytes is not None and state.inflight_bytes >= self.per_peer_bytes
+
     def _pick(self, peer: Peer, state: _PeerState) -> int | None:
-        candidates = [i for i in state.have if i not in self.have and i not in self.fetching]
+        busy = self.fetching.keys() | self.verifying.keys()
+        candidates = [i for i in state.have if i not in self.have and i not in busy]
         if candidates:
             rarest = min(self.availability[i] for i in candidates)
             return self.rng.choice(sorted(i for i in candidates if self.availability[i] == rarest))
         endgame = [
             i
             for i in state.have
-            if i not in self.have and i not in state.inflight and len(self.fetching.get(i, ())) < self.endgame_copies
+            if i not in self.have
+            and i not in state.inflight
+            and i not in self.verifying
+            and len(self.fetching.get(i, ())) < self.endgame_copies
         ]
-        if endgame and not (self.missing() - set(self.fetching)) & self._known():
+        if endgame and not (self.missing() - busy) & self._known():
             return self.rng.choice(sorted(endgame))
         return None
 
     def _known(self) -> set[int]:
         return {i for i in range(self.count) if self.availability[i] > 0}
+
+    def _drop_inflight(self, state: _PeerState, index: int) -> None:
+        if index in state.inflight:
+            state.inflight.remove(index)
+            state.inflight_bytes -= self.sizes[index]
+
+    def _unverify(self, peer: Peer, index: int) -> None:
+        peers = self.verifying.get(index)
+        if peers is not None:
+            peers.discard(peer)
+            if not peers:
+                del self.verifying[index]
 
     def _unfetch(self, peer: Peer, index: int) -> None:
         peers = self.fetching.get(index)
@@ -181,4 +224,7 @@ class Scheduler:
         for p, state in self.peers.items():
             for i in state.inflight:
                 assert p in self.fetching[i]
+            assert state.inflight_bytes == sum(self.sizes[i] for i in state.inflight)
             assert p not in self.banned
+        for i, peers in self.verifying.items():
+            assert peers and i not in self.have, i

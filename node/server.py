@@ -1,9 +1,11 @@
 """Serving manifests, have-sets and fragments to peers.
 
-The handler can never crash the node: every exception is caught, logged and
-answered by resetting the stream (an exception escaping a libp2p stream handler
-kills the whole host). Concurrent requests are capped per peer and in total;
-beyond the cap a peer gets a BUSY error at once rather than a queue.
+A stream carries any number of requests, answered one after another in order
+(clients pipeline them; see client.py). The handler can never crash the node:
+every exception is caught, logged and answered by resetting the stream (an
+exception escaping a libp2p stream handler kills the whole host). Open streams
+are capped per peer and in total (upload slots); beyond the cap a peer gets a
+BUSY error at once rather than a queue.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from protocol import (
     Have,
     HaveRequest,
     ManifestRequest,
+    Message,
     ProtocolError,
     encode_bitfield,
     encode_frame,
 )
 
+from .ratelimit import TokenBucket
 from .store import Store
 from .streams import StreamClosed, read_message, send_message
 
@@ -38,10 +42,12 @@ _WRITE = 1 << 20
 
 @dataclass
 class ServeLimits:
-    max_total: int = 32
-    max_per_peer: int = 8
-    request_timeout: float = 10.0  # to receive the request frame
-    send_timeout: float = 120.0  # to send one response
+    max_total: int = 32  # streams being served at once, all peers
+    max_per_peer: int = 8  # streams being served at once, one peer
+    request_timeout: float = 10.0  # to receive the first request frame
+    idle_timeout: float = 60.0  # an open stream with no next request is closed
+    stall_timeout: float = 120.0  # a peer that takes no bytes for this long is dropped
+    upload_rate: int | None = None  # bytes/s, all peers together; None: unlimited
 
 
 @dataclass
@@ -51,6 +57,7 @@ class FragmentServer:
     active: Counter[str] = field(default_factory=Counter)
     served_bytes: int = 0
     served_requests: int = 0
+    _bucket: TokenBucket | None = None
 
     async def handle(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -78,45 +85,69 @@ class FragmentServer:
 
     async def _serve(self, stream: INetStream) -> None:
         decoder = FrameDecoder()
+        request: Message | None
         with trio.fail_after(self.limits.request_timeout):
             request = await read_message(stream, decoder)
-        with trio.fail_after(self.limits.send_timeout):
-            if isinstance(request, ManifestRequest):
-                model = self.store.models.get(request.model_cid)
-                if model is None:
-                    await send_message(stream, Error(ErrorCode.NOT_FOUND, "unknown model"))
-                else:
-                    await self._send_body(stream, model.manifest_bytes)
-            elif isinstance(request, HaveRequest):
-                model = self.store.models.get(request.model_cid)
-                if model is None:
-                    await send_message(stream, Error(ErrorCode.NOT_FOUND, "unknown model"))
-                else:
-                    await send_message(stream, Have(len(model.have), encode_bitfield(model.have)))
-            elif isinstance(request, FragmentRequest):
-                await self._send_fragment(stream, request)
+        while request is not None:
+            await self._answer(stream, request)
+            request = None
+            with trio.move_on_after(self.limits.idle_timeout):
+                try:
+                    request = await read_message(stream, decoder)
+                except StreamClosed:
+                    pass  # the client is done with this stream
+        await stream.close()
+
+    async def _answer(self, stream: INetStream, request: Message) -> None:
+        if isinstance(request, ManifestRequest):
+            model = self.store.models.get(request.model_cid)
+            if model is None:
+                await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
-                raise ProtocolError(f"{type(request).__name__} is not a request")
-            await stream.close()
+                await self._send_body(stream, model.manifest_bytes)
+        elif isinstance(request, HaveRequest):
+            model = self.store.models.get(request.model_cid)
+            if model is None:
+                await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
+            else:
+                await self._write(stream, encode_frame(Have(len(model.have), encode_bitfield(model.have))))
+        elif isinstance(request, FragmentRequest):
+            await self._send_fragment(stream, request)
+        else:
+            raise ProtocolError(f"{type(request).__name__} is not a request")
 
     async def _send_fragment(self, stream: INetStream, request: FragmentRequest) -> None:
         blob = self.store.locate(request.cid)
         if blob is None or request.offset > blob.size:
-            await send_message(stream, Error(ErrorCode.NOT_FOUND, "fragment not held here"))
+            await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "fragment not held here")))
             return
         data = await trio.to_thread.run_sync(self.store.read_verified, blob, request.offset, request.length)
         if data is None:
-            await send_message(stream, Error(ErrorCode.NOT_FOUND, "fragment not held here"))
+            await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "fragment not held here")))
             return
         await self._send_body(stream, data)
 
     async def _send_body(self, stream: INetStream, data: bytes) -> None:
-        await stream.write(encode_frame(Data(len(data))))
+        await self._write(stream, encode_frame(Data(len(data))))
         view = memoryview(data)
         for start in range(0, len(data), _WRITE):
-            await stream.write(bytes(view[start : start + _WRITE]))
+            chunk = bytes(view[start : start + _WRITE])
+            await self._throttle(len(chunk))
+            await self._write(stream, chunk)
         self.served_bytes += len(data)
         self.served_requests += 1
+
+    async def _write(self, stream: INetStream, data: bytes) -> None:
+        with trio.fail_after(self.limits.stall_timeout):
+            await stream.write(data)
+
+    async def _throttle(self, n: int) -> None:
+        if self.limits.upload_rate is None:
+            return
+        now = trio.current_time()
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.limits.upload_rate, self.limits.upload_rate / 4, now)  # 1/4 s burst
+        await trio.sleep(self._bucket.reserve(n, now))
 
 
 async def _reset(stream: INetStream) -> None:

@@ -6,11 +6,14 @@ the end instead of returning b"": these helpers loop for exact counts.
 
 from __future__ import annotations
 
+import math
+
+import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 
-from protocol import FrameDecoder, Message, ProtocolError, encode_frame
+from protocol import FrameDecoder, Message, encode_frame
 
 _READ = 256 * 1024
 
@@ -19,9 +22,10 @@ class StreamClosed(Exception):
     pass
 
 
-async def _read_some(stream: INetStream, n: int) -> bytes:
+async def _read_some(stream: INetStream, n: int, stall_timeout: float) -> bytes:
     try:
-        data = await stream.read(n)
+        with trio.fail_after(stall_timeout):
+            data = await stream.read(n)
     except (StreamError, MuxedStreamError, EOFError) as e:
         raise StreamClosed(type(e).__name__) from None
     if not data:
@@ -29,20 +33,20 @@ async def _read_some(stream: INetStream, n: int) -> bytes:
     return data
 
 
-async def read_message(stream: INetStream, decoder: FrameDecoder) -> Message:
+async def read_message(stream: INetStream, decoder: FrameDecoder, stall_timeout: float = math.inf) -> Message:
+    """The next message; TooSlowError if no byte arrives for stall_timeout seconds."""
     while True:
         msg = decoder.next_message()
         if msg is not None:
             return msg
-        decoder.receive_data(await _read_some(stream, _READ))
+        decoder.receive_data(await _read_some(stream, _READ, stall_timeout))
 
 
-async def read_body(stream: INetStream, decoder: FrameDecoder, size: int) -> bytearray:
-    body = bytearray(decoder.take_trailing())
-    if len(body) > size:
-        raise ProtocolError("more bytes than announced")
+async def read_body(stream: INetStream, decoder: FrameDecoder, size: int, stall_timeout: float = math.inf) -> bytearray:
+    """Exactly `size` raw bytes; anything after them stays in the decoder."""
+    body = bytearray(decoder.take_raw(size))
     while len(body) < size:
-        body += await _read_some(stream, min(_READ, size - len(body)))
+        body += await _read_some(stream, min(_READ, size - len(body)), stall_timeout)
     return body
 
 

@@ -2,7 +2,8 @@
 
 `FrameDecoder` is a pure object: feed it bytes (`receive_data`), take messages
 out (`next_message`, None while it needs more). Bytes that arrive after a
-frame (the raw body of a `Data` frame) stay available through `take_trailing`.
+frame (the raw body of a `Data` frame) are taken with `take_raw`; whatever
+follows the body (the next answer on a pipelined stream) stays buffered.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class FrameDecoder:
         del self._buf[: 4 + n]
         return decode_body(body)
 
-    def take_trailing(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
+    def take_raw(self, limit: int) -> bytes:
+        """Up to `limit` buffered bytes that are not frames (a body being received)."""
+        data = bytes(self._buf[:limit])
+        del self._buf[:limit]
         return data

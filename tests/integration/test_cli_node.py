@@ -130,3 +130,15 @@ def test_node_bad_input(tmp_path: Path) -> None:
     assert_one_line_error(gguf_swarm("seed", "--data-dir", str(blocker / "d"), *LISTEN), "not writable")
     proc = gguf_swarm("pull", "QmNotACid", "--data-dir", str(tmp_path / "d"))
     assert proc.returncode != 0 and "not a model CID" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    config = tmp_path / "seed.toml"
+    config.write_text('[serve]\nupload_rat = "10MB"\n')
+    proc = gguf_swarm("seed", "--config", str(config), "--data-dir", str(tmp_path / "d"), *LISTEN)
+    assert_one_line_error(proc, "unknown key serve.upload_rat")
+    config.write_text('[serve]\nupload_rate = "fast"\n')
+    proc = gguf_swarm("seed", "--config", str(config), "--data-dir", str(tmp_path / "d"), *LISTEN)
+    assert_one_line_error(proc, "bad value")
+    proc = gguf_swarm("seed", "--data-dir", str(tmp_path / "d"), *LISTEN, "--upload-rate", "lots")
+    assert proc.returncode == 2 and "not a size" in proc.stderr and "Traceback" not in proc.stderr

@@ -8,12 +8,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import msgpack
+import pytest
 import trio
 from gguf import GGMLQuantizationType as T
 
 import fragmenter as fr
+from node.client import RemoteError, Session
 from node.node import Node, NodeConfig, open_node
 from node.pull import PullOptions, pull_model
+from node.server import ServeLimits
 from node.streams import read_message, send_message
 from protocol import PROTOCOL_ID, Data, Error, FragmentRequest, FrameDecoder, HaveRequest, ManifestRequest
 from tests.conftest import sha256_file
@@ -32,9 +35,12 @@ def model_folder(base: Path, name: str = "swarm-model") -> tuple[Path, Path]:
 
 
 @asynccontextmanager
-async def node_at(data_dir: Path, bootstrap: list[str] | None = None) -> AsyncIterator[Node]:
+async def node_at(
+    data_dir: Path, bootstrap: list[str] | None = None, serve: ServeLimits | None = None
+) -> AsyncIterator[Node]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    async with open_node(NodeConfig(data_dir, listen=LOOPBACK, bootstrap=bootstrap or [])) as node:
+    config = NodeConfig(data_dir, listen=LOOPBACK, bootstrap=bootstrap or [], serve=serve or ServeLimits())
+    async with open_node(config) as node:
         yield node
 
 
@@ -150,7 +156,47 @@ async def test_malformed_frames_leave_the_server_serving(tmp_path: Path) -> None
         header = await read_message(stream, decoder)
         assert header == Data(entry.size)
         assert entry_cid
-        body = decoder.take_trailing()
+        body = decoder.take_raw(entry.size)
         while len(body) < entry.size:
             body += await stream.read(entry.size - len(body))
         assert hashlib.sha256(body).hexdigest() == entry.sha256
+
+
+async def test_one_stream_carries_pipelined_requests_answered_in_order(tmp_path: Path) -> None:
+    _, folder = model_folder(tmp_path / "seed")
+    manifest = fr.read_manifest(folder)
+    async with node_at(tmp_path / "seed") as seed, node_at(tmp_path / "client", seed.addrs()[:1]) as client:
+        model = next(iter(seed.store.models.values()))
+        session = await Session.open(client.host, seed.peer_id)
+        wanted = [0, 5, 1]
+        await session.send(FragmentRequest(model.fragment_cids[0]))
+        await session.send(FragmentRequest(model.fragment_cids[5]))
+        await session.send(FragmentRequest("bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"))  # not held
+        await session.send(FragmentRequest(model.fragment_cids[1], offset=10, length=20))
+        await session.send(HaveRequest(model.cid))
+        for i in wanted[:2]:
+            body = await session.read_data(manifest.fragments[i].size)
+            assert hashlib.sha256(body).hexdigest() == manifest.fragments[i].sha256
+        with pytest.raises(RemoteError, match="NOT_FOUND"):
+            await session.read_data(1 << 20)
+        whole = fr.open_folder(folder).fragment_path(manifest.fragments[1]).read_bytes()
+        assert await session.read_data(20) == whole[10:30]
+        assert (await session.read_have()).count == len(manifest.fragments)
+        assert seed.server.active == {str(client.peer_id): 1}  # all of it on one stream
+        await session.close()
+
+
+async def test_upload_rate_limit_holds_a_seed_to_its_rate(tmp_path: Path) -> None:
+    model, folder = model_folder(tmp_path / "seed")
+    total = fr.read_manifest(folder).total_bytes  # ~1.3 MB
+    rate = 500_000
+    async with (
+        node_at(tmp_path / "seed", serve=ServeLimits(upload_rate=rate)) as seed,
+        node_at(tmp_path / "p", seed.addrs()[:1]) as puller,
+    ):
+        start = trio.current_time()
+        got, _ = await pull_model(puller, next(iter(seed.store.models)), PullOptions(find_timeout=20))
+        elapsed = trio.current_time() - start
+    assert got.complete
+    burst = rate / 4
+    assert elapsed >= (total - burst) / rate * 0.95, elapsed  # unlimited, this takes well under a second

@@ -45,6 +45,32 @@ def test_verified_fragments_free_slots_and_finish() -> None:
     assert s.done and s.next_requests() == []
 
 
+def test_queue_is_bounded_by_bytes_as_well_as_count() -> None:
+    sizes = [10, 10, 10, 1, 1, 1, 1, 1]
+    s = make(8, per_peer=4, per_peer_bytes=15, sizes=sizes)
+    s.peer_have("a", haves("***     "))
+    assert len(s.next_requests()) == 2  # 10 + 10 >= 15: the queue is full by bytes
+    s = make(8, per_peer=4, per_peer_bytes=15, sizes=sizes)
+    s.peer_have("a", haves("   *****"))
+    assert len(s.next_requests()) == 4  # small fragments: full by count
+    s.check_invariants()
+
+
+def test_received_frees_the_slot_but_nobody_refetches_while_verifying() -> None:
+    s = make(2, per_peer=1, endgame_copies=1)
+    s.peer_have("a", haves("**"))
+    s.peer_have("b", haves("**"))
+    reqs = dict(s.next_requests())
+    s.received("a", reqs["a"])
+    s.check_invariants()
+    assert s.next_requests() == []  # a's slot is free, but both fragments are taken
+    s.failed("a", reqs["a"], bad_data=True)  # verification failed: the fragment is free again
+    assert s.next_requests() == [] and s.verifying == {}
+    s.verified("b", reqs["b"])
+    assert s.next_requests() == [("b", reqs["a"])]
+    s.check_invariants()
+
+
 def test_endgame_duplicates_then_cancels() -> None:
     s = make(2, per_peer=2, endgame_copies=2)
     s.peer_have("a", haves("**"))
@@ -98,7 +124,9 @@ def test_random_simulation_keeps_invariants() -> None:
     rng = random.Random(7)
     for trial in range(20):
         n = rng.randint(1, 30)
-        s = Scheduler(n, per_peer=rng.randint(1, 4), rng=random.Random(trial))
+        sizes = [rng.randint(1, 10) for _ in range(n)]
+        budget = rng.choice([None, 5, 20])
+        s = Scheduler(n, per_peer=rng.randint(1, 4), rng=random.Random(trial), sizes=sizes, per_peer_bytes=budget)
         peers = [f"p{i}" for i in range(rng.randint(1, 5))]
         for p in peers:
             s.peer_have(p, {i for i in range(n) if rng.random() < 0.7} | {0})
@@ -107,6 +135,9 @@ def test_random_simulation_keeps_invariants() -> None:
             if s.done:
                 break
             for p, i in s.next_requests():
+                if rng.random() < 0.5:
+                    s.received(p, i)  # verification follows below
+                    s.check_invariants()
                 roll = rng.random()
                 if roll < 0.8:
                     s.verified(p, i)

