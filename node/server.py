@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 from libp2p.abc import INetStream
+from libp2p.peer.id import ID
 
 from protocol import (
     Data,
@@ -38,6 +39,7 @@ from .streams import StreamClosed, read_message, send_message
 
 log = logging.getLogger(__name__)
 _WRITE = 1 << 20
+MAX_ASKERS = 200  # remembered per model
 
 
 @dataclass
@@ -57,6 +59,10 @@ class FragmentServer:
     active: Counter[str] = field(default_factory=Counter)
     served_bytes: int = 0
     served_requests: int = 0
+    # Peers that asked for a model's have-set: its other pullers. A pull of the
+    # same model asks them in turn (BitTorrent's incoming peers), so pullers
+    # find each other without waiting for the DHT.
+    askers: dict[str, dict[ID, None]] = field(default_factory=dict)
     _bucket: TokenBucket | None = None
 
     async def handle(self, stream: INetStream) -> None:
@@ -106,6 +112,7 @@ class FragmentServer:
             else:
                 await self._send_body(stream, model.manifest_bytes)
         elif isinstance(request, HaveRequest):
+            self._remember_asker(request.model_cid, stream.muxed_conn.peer_id)
             model = self.store.models.get(request.model_cid)
             if model is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
@@ -115,6 +122,13 @@ class FragmentServer:
             await self._send_fragment(stream, request)
         else:
             raise ProtocolError(f"{type(request).__name__} is not a request")
+
+    def _remember_asker(self, model_cid: str, peer: ID) -> None:
+        askers = self.askers.setdefault(model_cid, {})
+        askers.pop(peer, None)
+        askers[peer] = None  # most recent last
+        if len(askers) > MAX_ASKERS:
+            del askers[next(iter(askers))]
 
     async def _send_fragment(self, stream: INetStream, request: FragmentRequest) -> None:
         blob = self.store.locate(request.cid)

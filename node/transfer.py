@@ -6,8 +6,9 @@ the I/O around it:
   hands them out, answers read back in order;
 - each body is verified (SHA-256 against the manifest) and written atomically
   on a worker thread, while the session goes on reading;
-- have-sets are refreshed every second, more holders looked up on the DHT
-  every `discover_every` seconds;
+- have-sets are refreshed every second from every peer known to care about
+  the model: connected peers, DHT providers (looked up with backoff up to
+  `discover_every`), and peers that asked us for our own have-set;
 - every outcome comes back to one loop as an event, so the scheduler is only
   ever touched from there.
 A verified fragment is served at once (the store knows it) and announced.
@@ -246,14 +247,19 @@ class Transfer:
     # ---- who holds what ---------------------------------------------------
 
     async def _discover(self) -> None:
+        """DHT lookups for more holders: soon and often at first, when other
+        pullers are just starting to announce, then every `discover_every`."""
+        pause = 1.0
         while True:
             for info in await self.node.find_providers(self.model.cid, timeout=10):
                 self.known_peers.add(info.peer_id)
-            await trio.sleep(self.opts.discover_every)
+            await trio.sleep(pause)
+            pause = min(pause * 2, self.opts.discover_every)
 
     async def _refresh_haves(self) -> None:
         while True:
             self.known_peers.update(self.node.connected_peers())
+            self.known_peers.update(self.node.server.askers.get(self.model.cid, ()))
             async with trio.open_nursery() as nursery:
                 for peer in list(self.known_peers):
                     if peer not in self.sched.banned:

@@ -183,6 +183,7 @@ async def test_one_stream_carries_pipelined_requests_answered_in_order(tmp_path:
         assert await session.read_data(20) == whole[10:30]
         assert (await session.read_have()).count == len(manifest.fragments)
         assert seed.server.active == {str(client.peer_id): 1}  # all of it on one stream
+        assert client.peer_id in seed.server.askers[model.cid]  # a puller of this model, to tell other pullers
         await session.close()
 
 

