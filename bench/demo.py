@@ -85,8 +85,9 @@ def main() -> int:
                 return 1
             ok = sha256(target) == original
             print(
-                f"{name}: {done['bytes'] / 1e6:.0f} MB from {done['peers']} peer(s) in {done['seconds']:.1f} s "
-                f"({done['bytes'] / 1e6 / done['seconds']:.0f} MB/s), with assembly {time.monotonic() - t:.1f} s; "
+                f"{name}: {done['bytes'] / 1e6:.0f} MB from {done['peers']} peer(s), transfer "
+                f"{done['transfer_seconds']:.1f} s ({done['bytes'] / 1e6 / done['transfer_seconds']:.0f} MB/s), "
+                f"whole pull {done['seconds']:.1f} s, with assembly {time.monotonic() - t:.1f} s; "
                 f"assembled file {'== original' if ok else 'DIFFERS'}"
             )
             if not ok:

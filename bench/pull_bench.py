@@ -4,7 +4,9 @@ One seed and one puller (real CLI processes) on 127.0.0.1 with the Gemma model.
 Goodput counts only fragments that were fetched, verified (SHA-256), written
 and fsynced; the pull's own clock starts when it knows the holders. The
 baseline sends the same fragment bytes over one raw stream between two hosts
-built the same way (bench/raw_stream.py), read and dropped.
+built the same way (bench/raw_stream.py), read and dropped; a second baseline
+also hashes and writes them (with fsync) as a pull must, which separates the
+cost of storing from the cost of the protocol.
 Rounds alternate baseline and pull; the medians are reported.
 
 Run: .venv/bin/python bench/pull_bench.py [--rounds 3]
@@ -47,11 +49,16 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
-def raw_round(folder: Path) -> float:
+def raw_round(folder: Path, store_in: Path | None = None) -> float:
     sender, addr = start_server([sys.executable, "bench/raw_stream.py", "send", str(folder)])
+    extra: list[str] = []
+    if store_in is not None:
+        shutil.rmtree(store_in, ignore_errors=True)
+        store_in.mkdir()
+        extra = [str(folder), str(store_in)]
     try:
         out = subprocess.run(
-            [sys.executable, "bench/raw_stream.py", "receive", addr],
+            [sys.executable, "bench/raw_stream.py", "receive", addr, *extra],
             capture_output=True,
             text=True,
             check=True,
@@ -101,23 +108,27 @@ def main() -> None:
         size = sum(f.stat().st_size for f in raw_stream.fragment_files(folder))
         seed, seed_addr = start_server([*CLI, "seed", "--data-dir", str(work / "seed"), *LISTEN])
         raw: list[float] = []
+        stored: list[float] = []
         pulls: list[float] = []
         try:
             for i in range(args.rounds):
                 raw.append(raw_round(folder))
+                stored.append(raw_round(folder, work / "raw-store"))
                 goodput, wall = pull_round(seed_addr, cid, work)
                 pulls.append(goodput)
                 print(
-                    f"round {i + 1}: raw stream {raw[-1] / 1e6:.0f} MB/s | pull {goodput / 1e6:.0f} MB/s "
-                    f"(command {wall:.1f} s) | ratio {goodput / raw[-1]:.2f}",
+                    f"round {i + 1}: raw stream {raw[-1] / 1e6:.0f} MB/s | raw + verify + write "
+                    f"{stored[-1] / 1e6:.0f} MB/s | pull {goodput / 1e6:.0f} MB/s (command {wall:.1f} s) "
+                    f"| ratio {goodput / raw[-1]:.2f}",
                     flush=True,
                 )
         finally:
             stop(seed)
-        r, p = statistics.median(raw), statistics.median(pulls)
+        r, s, p = statistics.median(raw), statistics.median(stored), statistics.median(pulls)
         print(
-            f"median of {args.rounds}: {size / 1e6:.0f} MB, raw stream {r / 1e6:.0f} MB/s, "
-            f"pull goodput {p / 1e6:.0f} MB/s, ratio {p / r:.2f}"
+            f"median of {args.rounds}: {size / 1e6:.0f} MB, raw stream {r / 1e6:.0f} MB/s, raw + verify + write "
+            f"{s / 1e6:.0f} MB/s ({s / r:.2f} of raw), pull goodput {p / 1e6:.0f} MB/s, ratio {p / r:.2f} "
+            f"(pull / raw + verify + write: {p / s:.2f})"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
