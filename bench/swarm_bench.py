@@ -76,7 +76,8 @@ def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[list[float], lis
             watcher.join(timeout=900)
         total = sum(sum(v.values()) for v in from_peers.values())
         from_seed = sum(v.get(seed_id, 0) for v in from_peers.values())
-        print(f"bytes pulled from the seed: {from_seed / 1e6:.0f} MB of {total / 1e6:.0f} MB ({from_seed / total:.0%})")
+        share = from_seed / max(total, 1)
+        print(f"bytes pulled from the seed: {from_seed / 1e6:.0f} MB of {total / 1e6:.0f} MB ({share:.0%})")
         return data_done, cmd_done
     finally:
         for proc in procs:

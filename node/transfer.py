@@ -41,6 +41,7 @@ Event = dict[str, Any]
 
 SESSION_IDLE = 20.0  # a session with nothing to ask is closed (servers close theirs at 60 s)
 VERIFY_SLOTS = 4  # bodies held in memory while being verified and written
+HAVE_TIMEOUT = 30.0  # a have answer can queue behind megabytes of fragments on a slow link
 
 
 @dataclass
@@ -257,23 +258,31 @@ class Transfer:
             pause = min(pause * 2, self.opts.discover_every)
 
     async def _refresh_haves(self) -> None:
+        """One have-loop per peer, so that a peer slow to answer (its link busy
+        with our fragments) delays nobody else's have-set."""
+        polled: set[ID] = set()
         while True:
             self.known_peers.update(self.node.connected_peers())
             self.known_peers.update(self.node.server.askers.get(self.model.cid, ()))
-            async with trio.open_nursery() as nursery:
-                for peer in list(self.known_peers):
-                    if peer not in self.sched.banned:
-                        nursery.start_soon(self._ask_have, peer)
+            for peer in self.known_peers - polled - self.sched.banned:
+                polled.add(peer)
+                self._nursery.start_soon(self._have_loop, peer, polled)
             await trio.sleep(self.opts.refresh_every)
 
-    async def _ask_have(self, peer: ID) -> None:
-        try:
-            with trio.fail_after(5):
-                have = await request_have(self.node.host, peer, HaveRequest(self.model.cid))
-        except Exception:
-            return  # not a holder (yet), or gone
-        if have.count == len(self.entries):
-            self._outcomes.send_nowait(_Outcome("have", peer, bitfield=bytes(have.bitfield)))
+    async def _have_loop(self, peer: ID, polled: set[ID]) -> None:
+        failures = 0
+        while peer not in self.sched.banned and failures < 3:
+            try:
+                with trio.fail_after(HAVE_TIMEOUT):
+                    have = await request_have(self.node.host, peer, HaveRequest(self.model.cid))
+                failures = 0
+                if have.count == len(self.entries):
+                    self._outcomes.send_nowait(_Outcome("have", peer, bitfield=bytes(have.bitfield)))
+            except Exception:
+                failures += 1  # not a holder (yet), or slow, or gone
+            await trio.sleep(self.opts.refresh_every)
+        polled.discard(peer)  # asked again if it shows up again
+        self.known_peers.discard(peer)
 
 
 def _verify_and_store(node: Node, model: LocalModel, index: int, data: bytes) -> bool:

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 import fragmenter as fr
 from node.client import RemoteError, Session
 from node.node import Node, NodeConfig, open_node
-from node.pull import PullOptions, pull_model
+from node.pull import PullOptions, PullStats, pull_model
 from node.server import ServeLimits
 from node.streams import read_message, send_message
 from protocol import PROTOCOL_ID, Data, Error, FragmentRequest, FrameDecoder, HaveRequest, ManifestRequest
@@ -201,3 +201,30 @@ async def test_upload_rate_limit_holds_a_seed_to_its_rate(tmp_path: Path) -> Non
     assert got.complete
     burst = rate / 4
     assert elapsed >= (total - burst) / rate * 0.95, elapsed  # unlimited, this takes well under a second
+
+
+async def test_concurrent_pullers_trade_fragments_among_themselves(tmp_path: Path) -> None:
+    model, folder = model_folder(tmp_path / "seed")
+    manifest = fr.read_manifest(folder)
+    async with AsyncExitStack() as stack:
+        # A slow seed, so that pullers overlap and must trade fragments among themselves.
+        seed = await stack.enter_async_context(node_at(tmp_path / "seed", serve=ServeLimits(upload_rate=1_000_000)))
+        entry = seed.addrs()[:1]
+        pullers = [await stack.enter_async_context(node_at(tmp_path / f"p{i}", entry)) for i in range(3)]
+        model_cid = next(iter(seed.store.models))
+        results: list[PullStats] = []
+
+        async def pull(node: Node) -> None:
+            _, stats = await pull_model(node, model_cid, PullOptions(find_timeout=20, stall_timeout=20))
+            results.append(stats)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for node in pullers:
+                    nursery.start_soon(pull, node)
+        for node in pullers:
+            assert fr.verify_folder(node.store.models[model_cid].folder).ok
+    assert len(results) == 3
+    from_pullers = sum(n for stats in results for peer, n in stats.bytes_by_peer.items() if peer != str(seed.peer_id))
+    assert from_pullers > 0  # pullers found each other (no DHT wait) and traded fragments
+    assert seed.server.served_bytes < 3 * manifest.total_bytes
