@@ -19,22 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from protocol.cid import cid_from_hex, cid_of
+from protocol.cid import cid_of
 
 from .errors import FragmenterError, GGUFFormatError
 from .fsio import open_staging_folder
 from .gguf_header import GGUFHeader, parse_header
-from .manifest import (
-    FORMAT,
-    HEADER_NAME,
-    MANIFEST_NAME,
-    dtype_name,
-    encode_extra,
-    json_metadata,
-    model_config,
-    serialize,
-)
-from .naming import fragment_id, tensor_role
+from .manifest import HEADER_NAME, MANIFEST_NAME, build_manifest, fragment_entry, serialize
 from .plan import plan_file
 from .tokenizer import write_tokenizer_files
 
@@ -121,7 +111,7 @@ def fragment_model(
                 entries, extra, header_sha = _write_fragments(reader, header, plan, staging, gguf_path)
                 file_sha = reader.finish()
                 tokenizer_files = write_tokenizer_files(header, staging)
-                manifest = _build_manifest(
+                manifest = build_manifest(
                     header, gguf_path.name, file_size, file_sha, header_sha, chunk_size, entries, extra
                 )
                 manifest_bytes = serialize(manifest)
@@ -169,90 +159,7 @@ def _write_fragments(
         except OSError as e:
             raise FragmenterError(f"cannot write fragment into {staging}: {e.strerror}") from None
         sha = digest.hexdigest()
-        entry = _fragment_entry(model, item, sha, used_ids, header.data_start)
+        entry = fragment_entry(model, item, sha, used_ids, header.data_start)
         os.replace(tmp, staging / (entry["fragment_id"] + ".dat"))
         entries.append(entry)
     return entries, extra, header_hash.hexdigest()
-
-
-def _fragment_entry(model: str, shard: Any, sha: str, used: set[str], data_start: int) -> dict[str, Any]:
-    t = shard.tensor
-    role = tensor_role(t.name)
-    component = role.component
-    fid = fragment_id(model, role.layer_index, component, shard.shard_index, sha[:16])
-    if fid in used:
-        # Two tensors of one layer that share a component (X.weight / X.bias)
-        # with equal bytes: the existing scheme collides; keep the full name.
-        component = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
-        fid = fragment_id(model, role.layer_index, component, shard.shard_index, sha[:16])
-        n = 1
-        while fid in used:
-            n += 1
-            fid = fragment_id(model, role.layer_index, f"{component}.{n}", shard.shard_index, sha[:16])
-    used.add(fid)
-    type_name = t.ggml_type.name
-    return {
-        "fragment_id": fid,
-        "model_name": model,
-        "fragment_type": role.fragment_type,
-        "layer_index": role.layer_index,
-        "component": component,
-        "expert_index": None,
-        "shard_index": shard.shard_index,
-        "total_shards": shard.total_shards,
-        "shape": list(t.dims),
-        "dtype": dtype_name(type_name),
-        "size_bytes": shard.size,
-        "tensor_name": t.name,
-        "tensor_type": type_name,
-        "checksum": sha[:16],
-        "is_always_active": role.is_always_active,
-        "data_offset": data_start + t.offset,
-        "file_offset": shard.file_offset,
-        "sha256": sha,
-        "cid": cid_from_hex(sha),
-    }
-
-
-def _build_manifest(
-    header: GGUFHeader,
-    file_name: str,
-    file_size: int,
-    file_sha: str,
-    header_sha: str,
-    chunk_size: int,
-    entries: list[dict[str, Any]],
-    extra: list[tuple[int, bytes]],
-) -> dict[str, Any]:
-    metadata = json_metadata(header)
-    shards_of: dict[str, int] = {e["tensor_name"]: e["total_shards"] for e in entries}
-    tensor_specifics = {
-        t.name: {
-            "shape": list(t.dims),
-            "tensor_type": t.ggml_type.name,
-            "data_offset": header.data_start + t.offset,
-            "size_bytes": t.n_bytes,
-            "row_bytes": t.row_bytes,
-            "total_shards": shards_of[t.name],
-        }
-        for t in header.tensors
-    }
-    return {
-        "format": FORMAT,
-        "model_name": Path(file_name).stem,
-        "file_name": file_name,
-        "file_size": file_size,
-        "file_sha256": file_sha,
-        "architecture": header.architecture,
-        "gguf_version": header.version,
-        "alignment": header.alignment,
-        "chunk_size": chunk_size,
-        "header_size": header.data_start,
-        "header_sha256": header_sha,
-        "total_fragments": len(entries),
-        "config": model_config(header, metadata),
-        "tensor_specifics": tensor_specifics,
-        "extra_bytes": encode_extra(extra),
-        "fragments": entries,
-        "metadata": metadata,
-    }

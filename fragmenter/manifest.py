@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from protocol.cid import cid_from_hex
+
 from .errors import ManifestError
 from .gguf_header import GGUFArray, GGUFHeader
 from .gguf_spec import ValueType
+from .naming import fragment_id, tensor_role
 
 FORMAT = "gguf-swarm/1"
 MANIFEST_NAME = "manifest.json"
@@ -238,3 +241,91 @@ def _parse_fragment(f: dict[str, Any], ours: bool, chunk: Any) -> FragmentEntry:
         checksum=checksum,
         sha256=sha,
     )
+
+
+# ---- building ours ---------------------------------------------------------
+
+
+def fragment_entry(model: str, shard: Any, sha: str, used: set[str], data_start: int) -> dict[str, Any]:
+    """The manifest entry of one written shard (a `plan.Shard`); `used` holds
+    the fragment ids taken so far and gains this one."""
+    t = shard.tensor
+    role = tensor_role(t.name)
+    component = role.component
+    fid = fragment_id(model, role.layer_index, component, shard.shard_index, sha[:16])
+    if fid in used:
+        # Two tensors of one layer that share a component (X.weight / X.bias)
+        # with equal bytes: the existing scheme collides; keep the full name.
+        component = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
+        fid = fragment_id(model, role.layer_index, component, shard.shard_index, sha[:16])
+        n = 1
+        while fid in used:
+            n += 1
+            fid = fragment_id(model, role.layer_index, f"{component}.{n}", shard.shard_index, sha[:16])
+    used.add(fid)
+    type_name = t.ggml_type.name
+    return {
+        "fragment_id": fid,
+        "model_name": model,
+        "fragment_type": role.fragment_type,
+        "layer_index": role.layer_index,
+        "component": component,
+        "expert_index": None,
+        "shard_index": shard.shard_index,
+        "total_shards": shard.total_shards,
+        "shape": list(t.dims),
+        "dtype": dtype_name(type_name),
+        "size_bytes": shard.size,
+        "tensor_name": t.name,
+        "tensor_type": type_name,
+        "checksum": sha[:16],
+        "is_always_active": role.is_always_active,
+        "data_offset": data_start + t.offset,
+        "file_offset": shard.file_offset,
+        "sha256": sha,
+        "cid": cid_from_hex(sha),
+    }
+
+
+def build_manifest(
+    header: GGUFHeader,
+    file_name: str,
+    file_size: int,
+    file_sha: str,
+    header_sha: str,
+    chunk_size: int,
+    entries: list[dict[str, Any]],
+    extra: list[tuple[int, bytes]],
+) -> dict[str, Any]:
+    metadata = json_metadata(header)
+    shards_of: dict[str, int] = {e["tensor_name"]: e["total_shards"] for e in entries}
+    tensor_specifics = {
+        t.name: {
+            "shape": list(t.dims),
+            "tensor_type": t.ggml_type.name,
+            "data_offset": header.data_start + t.offset,
+            "size_bytes": t.n_bytes,
+            "row_bytes": t.row_bytes,
+            "total_shards": shards_of[t.name],
+        }
+        for t in header.tensors
+    }
+    return {
+        "format": FORMAT,
+        "model_name": Path(file_name).stem,
+        "file_name": file_name,
+        "file_size": file_size,
+        "file_sha256": file_sha,
+        "architecture": header.architecture,
+        "gguf_version": header.version,
+        "alignment": header.alignment,
+        "chunk_size": chunk_size,
+        "header_size": header.data_start,
+        "header_sha256": header_sha,
+        "total_fragments": len(entries),
+        "config": model_config(header, metadata),
+        "tensor_specifics": tensor_specifics,
+        "extra_bytes": encode_extra(extra),
+        "fragments": entries,
+        "metadata": metadata,
+    }

@@ -19,10 +19,9 @@ from protocol.cid import cid_of
 
 from .errors import FragmentError, ManifestError
 from .folder import READ_SIZE
-from .fragment import _build_manifest, _fragment_entry
 from .fsio import open_staging_file
 from .gguf_header import TensorInfo, align, parse_header
-from .manifest import HEADER_NAME, MANIFEST_NAME, serialize
+from .manifest import HEADER_NAME, MANIFEST_NAME, build_manifest, fragment_entry, serialize
 from .naming import FRAGMENT_FILE, tensor_role
 from .plan import ShardPlan
 
@@ -73,7 +72,7 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
                 digest.update(chunk)
                 file_hash.update(chunk)
         pos = plan.file_offset + plan.size
-        entry = _fragment_entry(model, plan, digest.hexdigest(), used, header.data_start)
+        entry = fragment_entry(model, plan, digest.hexdigest(), used, header.data_start)
         entry["fragment_id"] = dat.path.stem  # keep the names the files already have
         entry["model_name"] = model
         entries.append(entry)
@@ -81,7 +80,7 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
     chunk_size = (
         old.get("chunk_size") if isinstance(old.get("chunk_size"), int) else max((s.size for s, _ in shards), default=0)
     )
-    manifest = _build_manifest(
+    manifest = build_manifest(
         header,
         file_name,
         file_size,
