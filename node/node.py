@@ -198,14 +198,21 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 for model in store.models.values():
                     if model.complete:
                         node.announce_model(model)
-                yield node
+                try:
+                    yield node
+                finally:
+                    server.stop()  # handlers run in libp2p's nursery: cancel them ourselves
                 nursery.cancel_scope.cancel()
+            await _close_host(host)  # while its network service runs, so connections close in order
     except OSError as e:
         raise NodeError(f"cannot listen on {', '.join(config.listen)}: {e.strerror or e}") from None
     finally:
-        with trio.move_on_after(5, shield=True) as scope:
-            scope.shield = True
-            try:
-                await host.close()
-            except Exception:
-                pass
+        await _close_host(host)  # without close() py-libp2p leaks a socket
+
+
+async def _close_host(host: IHost) -> None:
+    with trio.move_on_after(5, shield=True):
+        try:
+            await host.close()
+        except Exception:
+            pass

@@ -64,8 +64,24 @@ class FragmentServer:
     # find each other without waiting for the DHT.
     askers: dict[str, dict[ID, None]] = field(default_factory=dict)
     _bucket: TokenBucket | None = None
+    _handlers: set[trio.CancelScope] = field(default_factory=set)
+
+    def stop(self) -> None:
+        """Cancel every request being served (the node is stopping)."""
+        for scope in self._handlers:
+            scope.cancel()
 
     async def handle(self, stream: INetStream) -> None:
+        with trio.CancelScope() as scope:
+            self._handlers.add(scope)
+            try:
+                await self._handle(stream)
+            finally:
+                self._handlers.discard(scope)
+        if scope.cancelled_caught:
+            await _reset(stream)
+
+    async def _handle(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         try:
             if sum(self.active.values()) >= self.limits.max_total or self.active[peer] >= self.limits.max_per_peer:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,7 +218,9 @@ class Store:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(PARTIAL_PREFIX + path.name)
+    # A name of its own per write: two copies of one fragment (endgame) may be
+    # verified on two threads at once, and each must land whole.
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -231,7 +231,10 @@ class Transfer:
                 self._outcomes.send_nowait(_Outcome("failed", peer, index))
             if session is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await session.close()
+                    if pending:  # answers we will not read: stop the peer from sending them
+                        await session.reset()
+                    else:
+                        await session.close()
 
     async def _send(self, session: Session, index: int, pending: deque[int]) -> None:
         if not self.model.have[index]:  # else an endgame duplicate already won elsewhere
@@ -241,6 +244,8 @@ class Transfer:
     async def _verify(self, peer: ID, index: int, data: bytes) -> None:
         try:
             ok = await trio.to_thread.run_sync(_verify_and_store, self.node, self.model, index, data)
+        except OSError as e:  # a full or failing disk: nothing a peer can fix
+            raise NodeError(f"cannot write into {self.model.folder}: {e.strerror or e}") from None
         finally:
             self._verify_slots.release()
         self._outcomes.send_nowait(_Outcome("verified" if ok else "bad", peer, index))
