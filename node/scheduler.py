@@ -197,18 +197,10 @@ class Scheduler:
             state.inflight_bytes -= self.sizes[index]
 
     def _unverify(self, peer: Peer, index: int) -> None:
-        peers = self.verifying.get(index)
-        if peers is not None:
-            peers.discard(peer)
-            if not peers:
-                del self.verifying[index]
+        _discard(self.verifying, index, peer)
 
     def _unfetch(self, peer: Peer, index: int) -> None:
-        peers = self.fetching.get(index)
-        if peers is not None:
-            peers.discard(peer)
-            if not peers:
-                del self.fetching[index]
+        _discard(self.fetching, index, peer)
 
     def check_invariants(self) -> None:
         """For tests: the bookkeeping agrees with itself."""
@@ -228,3 +220,12 @@ class Scheduler:
             assert p not in self.banned
         for i, peers in self.verifying.items():
             assert peers and i not in self.have, i
+
+
+def _discard(table: dict[int, set[Peer]], index: int, peer: Peer) -> None:
+    """Remove peer from table[index], and the entry once it is empty."""
+    peers = table.get(index)
+    if peers is not None:
+        peers.discard(peer)
+        if not peers:
+            del table[index]

@@ -93,6 +93,7 @@ class Transfer:
         self._requests: dict[ID, trio.MemorySendChannel[int]] = {}  # each live session's queue
         self._verify_slots = trio.Semaphore(VERIFY_SLOTS)
         self._announced = bool(self.sched.have)
+        self._nursery: trio.Nursery  # set by run(); sessions, verifications and have-loops live in it
 
     async def run(self) -> None:
         """Until every fragment is verified; NodeError if they stay unavailable."""
