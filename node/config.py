@@ -20,7 +20,7 @@ from .server import ServeLimits
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 _KEYS = {
     "node": {"data_dir", "listen", "bootstrap"},
-    "serve": {"upload_slots", "upload_slots_per_peer", "upload_rate"},
+    "serve": {"upload_slots", "upload_slots_per_peer", "upload_rate", "initial_seeding"},
     "fetch": {"requests_per_peer", "request_bytes_per_peer"},
 }
 
@@ -55,6 +55,7 @@ def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "co
                 max_total=_positive(serve.get("upload_slots", limits.max_total)),
                 max_per_peer=_positive(serve.get("upload_slots_per_peer", limits.max_per_peer)),
                 upload_rate=_rate(serve.get("upload_rate")),
+                initial_seeding=_bool(serve.get("initial_seeding", limits.initial_seeding)),
             ),
             requests_per_peer=_positive(fetch.get("requests_per_peer", defaults.requests_per_peer)),
             request_bytes_per_peer=_size(fetch.get("request_bytes_per_peer", defaults.request_bytes_per_peer)),
@@ -68,6 +69,12 @@ def _strings(value: Any) -> list[str]:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"expected a list of strings, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
     return value
 
 

@@ -34,7 +34,8 @@ from protocol import (
 )
 
 from .ratelimit import TokenBucket
-from .store import Store
+from .seeding import InitialSeeding
+from .store import LocalModel, Store
 from .streams import StreamClosed, read_message, send_message
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ServeLimits:
     idle_timeout: float = 60.0  # an open stream with no next request is closed
     stall_timeout: float = 120.0  # a peer that takes no bytes for this long is dropped
     upload_rate: int | None = None  # bytes/s, all peers together; None: unlimited
+    initial_seeding: bool = True  # complete models: show concurrent pullers disjoint batches (seeding.py)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class FragmentServer:
     # same model asks them in turn (BitTorrent's incoming peers), so pullers
     # find each other without waiting for the DHT.
     askers: dict[str, dict[ID, None]] = field(default_factory=dict)
+    initial_seeding: dict[str, InitialSeeding] = field(default_factory=dict)  # per complete model
     _bucket: TokenBucket | None = None
     _handlers: set[trio.CancelScope] = field(default_factory=set)
 
@@ -133,11 +136,23 @@ class FragmentServer:
             if model is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
-                await self._write(stream, encode_frame(Have(len(model.have), encode_bitfield(model.have))))
+                have = model.have
+                seeding = self._seeding_for(model)
+                if seeding is not None:
+                    have = seeding.have_for(stream.muxed_conn.peer_id, trio.current_time())
+                await self._write(stream, encode_frame(Have(len(have), encode_bitfield(have))))
         elif isinstance(request, FragmentRequest):
             await self._send_fragment(stream, request)
         else:
             raise ProtocolError(f"{type(request).__name__} is not a request")
+
+    def _seeding_for(self, model: LocalModel) -> InitialSeeding | None:
+        if not self.limits.initial_seeding or not model.complete:
+            return None
+        seeding = self.initial_seeding.get(model.cid)
+        if seeding is None:
+            seeding = self.initial_seeding[model.cid] = InitialSeeding([e.size for e in model.manifest.fragments])
+        return seeding
 
     def _remember_asker(self, model_cid: str, peer: ID) -> None:
         askers = self.askers.setdefault(model_cid, {})
@@ -156,6 +171,9 @@ class FragmentServer:
             await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "fragment not held here")))
             return
         await self._send_body(stream, data)
+        seeding = self.initial_seeding.get(blob.model_cid)
+        if seeding is not None and blob.index >= 0 and len(data) == blob.size:
+            seeding.sent(stream.muxed_conn.peer_id, blob.index, trio.current_time())
 
     async def _send_body(self, stream: INetStream, data: bytes) -> None:
         await self._write(stream, encode_frame(Data(len(data))))

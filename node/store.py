@@ -57,6 +57,8 @@ class Blob:
     path: Path
     size: int
     sha256: str
+    model_cid: str
+    index: int  # in the manifest; -1: gguf_header.dat
 
 
 @dataclass
@@ -135,11 +137,11 @@ class Store:
         for model, index in self._blobs.get(cid, []):
             if index == -1:
                 if model.header_present:
-                    sha = model.manifest.raw.get("header_sha256") or ""
-                    return Blob(model.folder / HEADER_NAME, model.manifest.header_size, sha or _digest_hex(cid))
+                    sha = model.manifest.raw.get("header_sha256") or _digest_hex(cid)
+                    return Blob(model.folder / HEADER_NAME, model.manifest.header_size, sha, model.cid, -1)
             elif model.have[index]:
                 entry = model.manifest.fragments[index]
-                return Blob(model.folder / entry.file_name, entry.size, _digest_hex(cid))
+                return Blob(model.folder / entry.file_name, entry.size, _digest_hex(cid), model.cid, index)
         return None
 
     def read_verified(self, blob: Blob, offset: int = 0, length: int | None = None) -> bytes | None:

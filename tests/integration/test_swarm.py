@@ -36,10 +36,19 @@ def model_folder(base: Path, name: str = "swarm-model") -> tuple[Path, Path]:
 
 @asynccontextmanager
 async def node_at(
-    data_dir: Path, bootstrap: list[str] | None = None, serve: ServeLimits | None = None
+    data_dir: Path,
+    bootstrap: list[str] | None = None,
+    serve: ServeLimits | None = None,
+    request_bytes: int = 24 << 20,
 ) -> AsyncIterator[Node]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = NodeConfig(data_dir, listen=LOOPBACK, bootstrap=bootstrap or [], serve=serve or ServeLimits())
+    config = NodeConfig(
+        data_dir,
+        listen=LOOPBACK,
+        bootstrap=bootstrap or [],
+        serve=serve or ServeLimits(),
+        request_bytes_per_peer=request_bytes,
+    )
     async with open_node(config) as node:
         yield node
 
@@ -210,7 +219,11 @@ async def test_concurrent_pullers_trade_fragments_among_themselves(tmp_path: Pat
         # A slow seed, so that pullers overlap and must trade fragments among themselves.
         seed = await stack.enter_async_context(node_at(tmp_path / "seed", serve=ServeLimits(upload_rate=1_000_000)))
         entry = seed.addrs()[:1]
-        pullers = [await stack.enter_async_context(node_at(tmp_path / f"p{i}", entry)) for i in range(3)]
+        # Queues of 4 fragments: the model is small, and should look large next to them.
+        pullers = [
+            await stack.enter_async_context(node_at(tmp_path / f"p{i}", entry, request_bytes=128 * 1024))
+            for i in range(3)
+        ]
         model_cid = next(iter(seed.store.models))
         results: list[PullStats] = []
 
@@ -228,3 +241,5 @@ async def test_concurrent_pullers_trade_fragments_among_themselves(tmp_path: Pat
     from_pullers = sum(n for stats in results for peer, n in stats.bytes_by_peer.items() if peer != str(seed.peer_id))
     assert from_pullers > 0  # pullers found each other (no DHT wait) and traded fragments
     assert seed.server.served_bytes < 3 * manifest.total_bytes
+    # Initial seeding saw every fragment go out whole (its effect is measured by bench/swarm_bench.py).
+    assert len(seed.server.initial_seeding[model_cid].sent_at) == len(manifest.fragments)

@@ -21,7 +21,7 @@ def flags(**kw: object) -> argparse.Namespace:
 def test_shipped_examples_load() -> None:
     seed = node_config(read_config_file(str(CONFIGS / "seed.toml")), flags())
     assert seed.listen == ["/ip4/0.0.0.0/tcp/4001"]
-    assert seed.serve.max_total == 32 and seed.serve.upload_rate == 100_000_000
+    assert seed.serve.max_total == 32 and seed.serve.upload_rate == 100_000_000 and seed.serve.initial_seeding
     puller = node_config(read_config_file(str(CONFIGS / "puller.toml")), flags())
     assert puller.request_bytes_per_peer == 24 << 20 and puller.data_dir == Path("~/gguf-models").expanduser()
 
@@ -58,6 +58,7 @@ def test_mistakes_in_the_file_are_named(tmp_path: Path, text: str, message: str)
         {"serve": {"upload_slots": 0}},
         {"serve": {"upload_rate": "fast"}},
         {"fetch": {"requests_per_peer": "4"}},
+        {"serve": {"initial_seeding": "yes"}},
         {"node": {"listen": "/ip4/0.0.0.0/tcp/1"}},  # must be a list
     ],
 )
