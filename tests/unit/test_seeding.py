@@ -15,6 +15,13 @@ def make(n: int = 10, size: int = 10, batch: int = 30) -> InitialSeeding:
     return InitialSeeding([size] * n, batch_bytes=batch, reveal_after=30, active_window=5, rng=random.Random(1))
 
 
+def two_pullers(s: InitialSeeding, now: float = 0.0) -> tuple[set[int], set[int]]:
+    """a and b both start pulling; what each is shown once both are known."""
+    s.have_for("a", now)
+    s.have_for("b", now)
+    return shown(s.have_for("a", now)), shown(s.have_for("b", now))
+
+
 def test_a_single_puller_sees_everything() -> None:
     s = make()
     assert shown(s.have_for("a", 0.0)) == set(range(10))
@@ -46,10 +53,7 @@ def test_a_batch_refills_as_fragments_go_out_and_old_ones_are_revealed() -> None
 
 def test_a_puller_that_leaves_returns_its_batch() -> None:
     s = make(n=4, batch=20)
-    s.have_for("a", 0.0)
-    s.have_for("b", 0.0)
-    a = shown(s.have_for("a", 0.0))
-    b = shown(s.have_for("b", 0.0))
+    a, b = two_pullers(s)
     assert a.isdisjoint(b) and len(a | b) == 4
     s.have_for("c", 10.0)  # a and b went quiet
     assert shown(s.have_for("c", 10.0)) == set(range(4))  # only one active puller now
@@ -60,18 +64,12 @@ def test_a_puller_that_leaves_returns_its_batch() -> None:
 
 def test_never_looks_empty_and_ends_showing_everything() -> None:
     s = make(n=1, batch=100)
-    s.have_for("a", 0.0)
-    s.have_for("b", 0.0)
-    assert shown(s.have_for("a", 0.0)) == {0}
-    assert shown(s.have_for("b", 0.0)) == {0}  # nothing left to hand out: everything, not nothing
+    a, b = two_pullers(s)
+    assert a == {0} and b == {0}  # nothing left for b to be handed: everything, not nothing
     s.sent("a", 0, 1.0)
     assert shown(s.have_for("b", 2.0)) == {0}  # every fragment went out once
 
 
 def test_each_puller_gets_a_fair_share_of_what_is_left() -> None:
-    s = make(n=10, batch=1000)
-    s.have_for("a", 0.0)
-    s.have_for("b", 0.0)
-    a = shown(s.have_for("a", 0.0))
-    b = shown(s.have_for("b", 0.0))
+    a, b = two_pullers(make(n=10, batch=1000))
     assert len(a) == 5 and len(b) == 5 and not a & b
