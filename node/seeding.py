@@ -5,8 +5,8 @@ upload each fragment about once and let the pullers trade the rest. Pullers
 cannot see what the others are fetching from the seed, so by themselves they
 often fetch the same large fragment from it at the same time, spending the
 seed's upload (the swarm's scarcest resource) twice. Here each puller is
-shown, in the have-set it asks for, a batch of fragments nobody has been sent
-yet, different for each puller. Everything is shown when only one peer is
+shown, in the have-set it asks for, its own fair share of the fragments
+nobody has been sent yet. Everything is shown when only one peer is
 pulling, once every fragment has gone out, or when nothing is left to assign;
 fragments sent long ago are shown again, so a puller that left with them
 costs nothing but time.
@@ -30,7 +30,7 @@ class InitialSeeding:
         rng: random.Random | None = None,
     ) -> None:
         self.sizes = sizes
-        self.batch_bytes = batch_bytes  # shown to each puller beyond what it was already sent
+        self.batch_bytes = batch_bytes  # at most this many unsent bytes assigned to one puller at a time
         self.reveal_after = reveal_after  # a fragment sent this long ago is shown to all
         self.active_window = active_window  # a peer that asked this recently is pulling
         self.rng = rng or random.Random()
