@@ -10,7 +10,7 @@ Theory of operation (after libtorrent's piece picker):
   waits for verification without blocking the peer's queue.
 - Endgame: when every missing fragment is already being fetched, an idle slot
   may fetch a fragment a second time from another peer (`endgame_copies`);
-  the first verified copy wins and the others are cancelled.
+  the first verified copy wins; the others are dropped unread or unhashed.
 - A peer that sends bytes that fail verification is banned at once; one that
   fails `max_failures` requests in a row is dropped. Either can rejoin only
   through `peer_have` again (dropped) or never (banned).
@@ -124,12 +124,6 @@ class Scheduler:
             self.peer_left(peer)
         elif state is not None and state.failures >= self.max_failures:
             self.peer_left(peer)
-
-    def cancelled(self, peer: Peer, index: int) -> None:
-        state = self.peers.get(peer)
-        if state is not None:
-            self._drop_inflight(state, index)
-        self._unfetch(peer, index)
 
     # ---- decisions -------------------------------------------------------
 

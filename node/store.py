@@ -185,7 +185,12 @@ class Store:
     def add_blob(self, model: LocalModel, index: int, data: bytes) -> None:
         """Write verified bytes under their final name (index -1: the header)."""
         name = HEADER_NAME if index == -1 else model.manifest.fragments[index].file_name
-        _write_atomic(model.folder / name, data)
+        path = model.folder / name
+        _write_atomic(path, data)
+        if index == -1 or model.manifest.fragments[index].sha256 is not None:
+            # Checked against a full SHA-256 just now: serving it need not hash it again.
+            st = path.stat()
+            self._verified.add((str(path), st.st_size, st.st_mtime_ns))
         if index == -1:
             model.header_present = True
         else:

@@ -216,6 +216,8 @@ class Transfer:
                     continue
                 pending.popleft()
                 self._outcomes.send_nowait(_Outcome("received", peer, first))
+                if self.model.have[first]:
+                    continue  # an endgame duplicate that lost the race: no need to hash it
                 await self._verify_slots.acquire()
                 self._nursery.start_soon(self._verify, peer, first, data)
         except Exception as e:  # TooSlowError, a dropped connection, a protocol violation...
