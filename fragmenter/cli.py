@@ -62,12 +62,12 @@ def emit(args: argparse.Namespace, text: str, **fields: Any) -> None:
         print(text, flush=True)
 
 
-def _progress(args: argparse.Namespace, label: str) -> ProgressBar | None:
+def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar | None:
     return None if getattr(args, "json", False) or getattr(args, "quiet", False) else ProgressBar(label)
 
 
 def cmd_fragment(args: argparse.Namespace) -> int:
-    bar = _progress(args, "fragment")
+    bar = progress_bar(args, "fragment")
     result = fragment_model(Path(args.model), Path(args.output), args.chunk_size, args.force, bar)
     if bar:
         bar.close()
@@ -88,7 +88,7 @@ def cmd_fragment(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    bar = _progress(args, "verify")
+    bar = progress_bar(args, "verify")
     report = verify_folder(Path(args.folder), bar)
     if bar:
         bar.close()
@@ -110,7 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_assemble(args: argparse.Namespace) -> int:
-    bar = _progress(args, "assemble")
+    bar = progress_bar(args, "assemble")
     result = assemble(Path(args.folder), Path(args.output), args.force, bar)
     if bar:
         bar.close()
@@ -150,7 +150,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    bar = _progress(args, "validate")
+    bar = progress_bar(args, "validate")
     report = validate_folder(Path(args.folder), bar)
     if bar:
         bar.close()

@@ -17,8 +17,8 @@ from typing import Any
 import trio
 
 from fragmenter import FragmenterError, assemble, fragment_model
-from fragmenter.cli import add_fragmenter_commands, emit, parse_size, run
-from fragmenter.progress import ProgressBar, human_bytes
+from fragmenter.cli import add_fragmenter_commands, emit, parse_size, progress_bar, run
+from fragmenter.progress import human_bytes
 from protocol import is_cid
 
 from .config import DEFAULT_LISTEN, node_config, read_config_file
@@ -115,7 +115,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or ".")
     model = Path(args.model)
     folder = data_dir / model.stem
-    bar = None if args.json else ProgressBar("fragment")
+    bar = progress_bar(args, "fragment")
     result = fragment_model(model, folder, args.chunk_size, args.force, bar)
     if bar:
         bar.close()
@@ -134,7 +134,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if not is_cid(args.model_cid):
         print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
         return 2
-    bar = None if args.json else ProgressBar("pull")
+    bar = progress_bar(args, "pull")
 
     def on_event(event: dict[str, Any]) -> None:
         if args.json:
