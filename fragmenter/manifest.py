@@ -4,6 +4,11 @@ both ours and the existing tool's (see `shared/seed/SEED_FORMAT.md`).
 Readers get a `Manifest` whose fragments always carry `file_offset` and
 `checksum`; `sha256` is None for the existing tool's manifests, which only
 have the 16-hex prefix.
+
+Format "gguf-swarm/2" adds verified blocks (`protocol/blocks.py`): top-level
+`block_size` and `header_block_root`, and a `block_root` per fragment. Every
+"gguf-swarm/1" manifest stays valid and simply has no block roots; a manifest
+has block roots for all its files or for none.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.blocks import BLOCK_SIZE
 from protocol.cid import cid_from_hex
 
 from .errors import ManifestError
@@ -24,10 +30,15 @@ from .gguf_header import GGUFArray, GGUFHeader
 from .gguf_spec import ValueType
 from .naming import fragment_id, tensor_role
 
-FORMAT = "gguf-swarm/1"
+FORMAT = "gguf-swarm/2"
+OUR_FORMATS = ("gguf-swarm/1", FORMAT)  # v2 only adds optional block fields, so v1 stays ours
 MANIFEST_NAME = "manifest.json"
 HEADER_NAME = "gguf_header.dat"
 _SMALL_ARRAY = 64  # arrays longer than this are summarized; they live in the header
+# Bounds on a manifest's block_size: smaller blocks make digest lists and
+# request counts explode, larger ones make a corrupt block expensive to refetch.
+MIN_BLOCK_SIZE = 16 * 1024
+MAX_BLOCK_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class FragmentEntry:
     data_offset: int  # absolute offset of the whole tensor
     checksum: str  # first 16 hex of sha256
     sha256: str | None  # None for the existing tool's manifests
+    block_root: str | None = None  # None before gguf-swarm/2 (v1 and the existing tool's)
 
     @property
     def file_name(self) -> str:
@@ -64,10 +76,12 @@ class Manifest:
     file_sha256: str | None
     alignment: int | None
     extra_bytes: list[tuple[int, bytes]]  # non-zero bytes outside header and tensors
+    block_size: int | None = None  # None when absent (before gguf-swarm/2)
+    header_block_root: str | None = None
 
     @property
     def is_ours(self) -> bool:
-        return self.raw.get("format") == FORMAT
+        return self.raw.get("format") in OUR_FORMATS
 
     @property
     def file_name(self) -> str:
@@ -169,7 +183,7 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
     """Validate and normalize a manifest dict (ours or the existing tool's)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("fragments"), list):
         raise ManifestError(f"{where}: not a fragment manifest (no 'fragments' list)")
-    ours = raw.get("format") == FORMAT
+    ours = raw.get("format") in OUR_FORMATS
     chunk = raw.get("chunk_size")
     model = raw.get("model_name")
     if not isinstance(model, str):
@@ -193,6 +207,7 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
         for key in ("file_size", "file_sha256", "alignment"):
             if key not in raw:
                 raise ManifestError(f"{where}: missing {key}")
+    block_size, header_block_root = _parse_blocks(raw, fragments, where)
     return Manifest(
         raw=raw,
         model_name=model,
@@ -202,6 +217,39 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
         file_sha256=raw.get("file_sha256") if ours else None,
         alignment=raw.get("alignment") if ours else None,
         extra_bytes=extra,
+        block_size=block_size,
+        header_block_root=header_block_root,
+    )
+
+
+def _parse_blocks(raw: dict[str, Any], fragments: list[FragmentEntry], where: str) -> tuple[int | None, str | None]:
+    """(block_size, header_block_root), validated. Block roots come for every
+    file or none: a peer cuts each file by whether it has a root, and a
+    half-upgraded manifest would mean a half-upgraded writer."""
+    try:
+        header_root = _hex(raw["header_block_root"], 64, "header_block_root") if "header_block_root" in raw else None
+    except ValueError as e:
+        raise ManifestError(f"{where}: {e}") from None
+    block_size = raw.get("block_size")
+    if block_size is not None and not _valid_block_size(block_size):
+        raise ManifestError(
+            f"{where}: block_size {block_size!r} is not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        )
+    with_root = sum(f.block_root is not None for f in fragments) + (header_root is not None)
+    if with_root == 0:
+        return block_size, None
+    if with_root != len(fragments) + 1:
+        raise ManifestError(f"{where}: block roots on {with_root} of {len(fragments) + 1} files, not all or none")
+    if block_size is None:
+        raise ManifestError(f"{where}: block roots but no block_size")
+    return block_size, header_root
+
+
+def _valid_block_size(value: Any) -> bool:
+    return (
+        type(value) is int  # not bool, not float
+        and MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE
+        and value & (value - 1) == 0
     )
 
 
@@ -225,6 +273,7 @@ def _parse_fragment(f: dict[str, Any], ours: bool, chunk: Any) -> FragmentEntry:
     else:
         raise ValueError(f"{fid}: no file_offset and no chunk_size")
     sha = _hex(f["sha256"], 64, "sha256") if ours or "sha256" in f else None
+    root = _hex(f["block_root"], 64, "block_root") if "block_root" in f else None
     checksum = _hex(f.get("checksum") or (sha or "")[:16], 16, "checksum")
     if size < 0 or file_offset < 0 or shard < 0:
         raise ValueError(f"{fid}: negative size or offset")
@@ -240,15 +289,19 @@ def _parse_fragment(f: dict[str, Any], ours: bool, chunk: Any) -> FragmentEntry:
         data_offset=data_offset,
         checksum=checksum,
         sha256=sha,
+        block_root=root,
     )
 
 
 # ---- building ours ---------------------------------------------------------
 
 
-def fragment_entry(model: str, shard: Any, sha: str, used: set[str], data_start: int) -> dict[str, Any]:
-    """The manifest entry of one written shard (a `plan.Shard`); `used` holds
-    the fragment ids taken so far and gains this one."""
+def fragment_entry(
+    model: str, shard: Any, sha: str, block_root: str, used: set[str], data_start: int
+) -> dict[str, Any]:
+    """The manifest entry of one written shard (a `plan.Shard`) whose bytes
+    hash to `sha` and have block root `block_root`; `used` holds the fragment
+    ids taken so far and gains this one."""
     t = shard.tensor
     role = tensor_role(t.name)
     component = role.component
@@ -283,6 +336,7 @@ def fragment_entry(model: str, shard: Any, sha: str, used: set[str], data_start:
         "data_offset": data_start + t.offset,
         "file_offset": shard.file_offset,
         "sha256": sha,
+        "block_root": block_root,
         "cid": cid_from_hex(sha),
     }
 
@@ -293,6 +347,7 @@ def build_manifest(
     file_size: int,
     file_sha: str,
     header_sha: str,
+    header_block_root: str,
     chunk_size: int,
     entries: list[dict[str, Any]],
     extra: list[tuple[int, bytes]],
@@ -322,6 +377,8 @@ def build_manifest(
         "chunk_size": chunk_size,
         "header_size": header.data_start,
         "header_sha256": header_sha,
+        "block_size": BLOCK_SIZE,
+        "header_block_root": header_block_root,
         "total_fragments": len(entries),
         "config": model_config(header, metadata),
         "tensor_specifics": tensor_specifics,

@@ -3,7 +3,8 @@
 Works on our folders and on the existing tool's: the header says which tensors
 exist, where and how big; the file names say which files belong to which
 tensor (`_L{layer}_{component}_S{shard}_`); the files' own sizes say where
-each shard starts. Fragments are read (to hash them) but never modified.
+each shard starts. Fragments are read (to hash them: sha256 and block digests,
+in bounded reads) but never modified, so an upgraded folder gains block roots.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.blocks import BlockHasher, block_digests, block_root
 from protocol.cid import cid_of
 
 from .errors import FragmentError, ManifestError
@@ -67,12 +69,14 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
     for plan, dat in shards:
         file_hash.update(bytes(plan.file_offset - pos))
         digest = hashlib.sha256()
+        blocks = BlockHasher()
         with open(dat.path, "rb") as f:
             while chunk := f.read(READ_SIZE):
                 digest.update(chunk)
+                blocks.update(chunk)
                 file_hash.update(chunk)
         pos = plan.file_offset + plan.size
-        entry = fragment_entry(model, plan, digest.hexdigest(), used, header.data_start)
+        entry = fragment_entry(model, plan, digest.hexdigest(), blocks.root(), used, header.data_start)
         entry["fragment_id"] = dat.path.stem  # keep the names the files already have
         entry["model_name"] = model
         entries.append(entry)
@@ -86,6 +90,7 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
         file_size,
         file_hash.hexdigest(),
         hashlib.sha256(header_bytes).hexdigest(),
+        block_root(block_digests(header_bytes)),  # the header is in memory already
         chunk_size,
         entries,
         [],

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fragmenter as fr
+from protocol.blocks import BLOCK_SIZE, block_digests, block_root
 from tests.conftest import FIXTURES, GEMMA_SHA256, sha256_file
 
 pytestmark = pytest.mark.slow
@@ -22,6 +23,16 @@ def test_fragment_verify_assemble(gemma_folder: Path, tmp_path: Path) -> None:
     assert fr.verify_folder(gemma_folder).ok
     fr.assemble(gemma_folder, tmp_path / "back.gguf")
     assert sha256_file(tmp_path / "back.gguf") == GEMMA_SHA256
+
+
+def test_block_roots_of_real_10_mib_fragments(gemma_folder: Path) -> None:
+    manifest = fr.read_manifest(gemma_folder)
+    assert manifest.raw["format"] == "gguf-swarm/2" and manifest.block_size == BLOCK_SIZE
+    header = (gemma_folder / "gguf_header.dat").read_bytes()
+    assert manifest.header_block_root == block_root(block_digests(header))
+    assert max(f.size for f in manifest.fragments) > BLOCK_SIZE  # real multi-block fragments
+    for f in manifest.fragments:
+        assert f.block_root == block_root(block_digests((gemma_folder / f.file_name).read_bytes())), f.fragment_id
 
 
 def test_load_tensor_equals_the_original(gemma_model: Path, gemma_folder: Path) -> None:

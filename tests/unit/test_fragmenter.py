@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 import fragmenter as fr
+from protocol.blocks import BLOCK_SIZE, block_digests, block_root
 from protocol.cid import cid_of
 from tests.conftest import sha256_file
 from tests.gguf_factory import MIXED, write_model
@@ -51,7 +55,7 @@ def test_manifest_fields(small_model: Path, tmp_path: Path) -> None:
     result = fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
     raw = json.loads((tmp_path / "frag" / "manifest.json").read_bytes())
     assert result.model_cid == cid_of((tmp_path / "frag" / "manifest.json").read_bytes())
-    assert raw["format"] == "gguf-swarm/1"
+    assert raw["format"] == "gguf-swarm/2"
     assert raw["file_name"] == "tiny-model.gguf" and raw["model_name"] == "tiny-model"
     assert raw["file_size"] == small_model.stat().st_size
     assert raw["config"]["dim"] == 64 and raw["config"]["n_layers"] == 2 and raw["config"]["n_heads"] == 4
@@ -84,8 +88,12 @@ def test_deterministic_across_directories(small_model: Path, tmp_path: Path) -> 
     finally:
         os.chdir(cwd)
     assert a.model_cid == b.model_cid
-    assert (tmp_path / "a" / "manifest.json").read_bytes() == (other / "b" / "manifest.json").read_bytes()
+    manifest = (tmp_path / "a" / "manifest.json").read_bytes()
+    assert manifest == (other / "b" / "manifest.json").read_bytes()
     assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(other / "b"))
+    # The block roots are part of the bytes compared above.
+    m = fr.parse_manifest(json.loads(manifest))
+    assert m.header_block_root and all(f.block_root for f in m.fragments)
 
 
 def test_equal_tensors_of_one_layer_get_unique_ids(tmp_path: Path) -> None:
@@ -185,17 +193,148 @@ def test_assemble_refuses_a_corrupt_fragment_and_names_it(small_model: Path, tmp
 
 
 def test_rebuilt_manifest_describes_the_same_file(small_model: Path, tmp_path: Path) -> None:
-    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    result = fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    original = (tmp_path / "frag" / "manifest.json").read_bytes()
     before = fr.read_manifest(tmp_path / "frag")
+    # With our manifest in place, rebuilding gives back the same bytes.
+    assert fr.rebuild_manifest(tmp_path / "frag") == (result.model_cid, len(before.fragments))
+    assert (tmp_path / "frag" / "manifest.json").read_bytes() == original
     (tmp_path / "frag" / "manifest.json").unlink()
     cid, n = fr.rebuild_manifest(tmp_path / "frag")
     after = fr.read_manifest(tmp_path / "frag")
     assert n == len(before.fragments)
     assert after.file_sha256 == before.file_sha256
-    assert [(f.fragment_id, f.sha256, f.file_offset) for f in after.fragments] == [
-        (f.fragment_id, f.sha256, f.file_offset) for f in before.fragments
+    assert (after.block_size, after.header_block_root) == (before.block_size, before.header_block_root)
+    assert [(f.fragment_id, f.sha256, f.block_root, f.file_offset) for f in after.fragments] == [
+        (f.fragment_id, f.sha256, f.block_root, f.file_offset) for f in before.fragments
     ]
     assert cid == cid_of((tmp_path / "frag" / "manifest.json").read_bytes())
+
+
+# ---- verified blocks (gguf-swarm/2) ------------------------------------------
+
+
+def _root_by_hand(data: bytes) -> str:
+    """block_root spelled out, independent of protocol.blocks."""
+    starts = range(0, max(len(data), 1), BLOCK_SIZE)
+    return hashlib.sha256(b"".join(hashlib.sha256(data[i : i + BLOCK_SIZE]).digest() for i in starts)).hexdigest()
+
+
+def test_block_roots_match_the_files(small_model: Path, tmp_path: Path) -> None:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    raw = json.loads((tmp_path / "frag" / "manifest.json").read_bytes())
+    assert raw["block_size"] == BLOCK_SIZE
+    header = (tmp_path / "frag" / "gguf_header.dat").read_bytes()
+    assert raw["header_block_root"] == block_root(block_digests(header))
+    for f in raw["fragments"]:
+        data = (tmp_path / "frag" / (f["fragment_id"] + ".dat")).read_bytes()
+        assert f["block_root"] == block_root(block_digests(data))
+    # Key order is part of the manifest bytes, hence of the model CID.
+    keys = list(raw)
+    at = keys.index("header_sha256")
+    assert keys[at + 1 : at + 3] == ["block_size", "header_block_root"]
+    entry_keys = list(raw["fragments"][0])
+    assert entry_keys[entry_keys.index("sha256") + 1] == "block_root"
+    m = fr.read_manifest(tmp_path / "frag")
+    assert m.block_size == BLOCK_SIZE and m.header_block_root == raw["header_block_root"]
+    assert [f.block_root for f in m.fragments] == [
+        f["block_root"] for f in sorted(raw["fragments"], key=lambda f: f["file_offset"])
+    ]
+
+
+def test_fragments_larger_than_a_block_have_multi_block_roots(tmp_path: Path) -> None:
+    # F32 rows of 4 KiB: a 2.34 MiB tensor cut at 2 MiB (two whole blocks, then
+    # a short shard) and a 1.5 MiB tensor in one shard (a whole and a half block).
+    tensors = [
+        ("blk.0.ffn_up.weight", T.F32, (600, 1024)),
+        ("blk.0.ffn_down.weight", T.F32, (384, 1024)),
+        ("output_norm.weight", T.F32, (64,)),
+    ]
+    model = write_model(tmp_path / "big.gguf", tensors, vocab=False)
+    result = fr.fragment_model(model, tmp_path / "frag", chunk_size=2 * BLOCK_SIZE)
+    m = fr.read_manifest(tmp_path / "frag")
+    sizes = {f.size for f in m.fragments}
+    assert {2 * BLOCK_SIZE, BLOCK_SIZE + BLOCK_SIZE // 2} <= sizes
+    for f in m.fragments:
+        data = (tmp_path / "frag" / f.file_name).read_bytes()
+        assert f.block_root == block_root(block_digests(data)) == _root_by_hand(data)
+        if f.size > BLOCK_SIZE:
+            assert len(block_digests(data)) == 32 * -(-f.size // BLOCK_SIZE)
+            assert f.block_root != hashlib.sha256(hashlib.sha256(data).digest()).hexdigest()  # not one block
+    # Rebuilding (a second, independent hashing of the files) agrees byte for byte.
+    original = (tmp_path / "frag" / "manifest.json").read_bytes()
+    assert fr.rebuild_manifest(tmp_path / "frag")[0] == result.model_cid
+    assert (tmp_path / "frag" / "manifest.json").read_bytes() == original
+
+
+@pytest.fixture
+def raw_manifest(small_model: Path, tmp_path: Path) -> dict[str, Any]:
+    fr.fragment_model(small_model, tmp_path / "frag", chunk_size=1024)
+    return json.loads((tmp_path / "frag" / "manifest.json").read_bytes())
+
+
+def _without_blocks(raw: dict[str, Any]) -> dict[str, Any]:
+    old = copy.deepcopy(raw)
+    del old["block_size"], old["header_block_root"]
+    for f in old["fragments"]:
+        del f["block_root"]
+    return old
+
+
+def test_v1_manifest_without_blocks_still_parses(raw_manifest: dict[str, Any]) -> None:
+    v1 = _without_blocks(raw_manifest)
+    v1["format"] = "gguf-swarm/1"
+    m = fr.parse_manifest(v1)
+    assert m.is_ours and m.file_sha256 == raw_manifest["file_sha256"]
+    assert m.block_size is None and m.header_block_root is None
+    assert all(f.block_root is None and f.sha256 for f in m.fragments)
+    # Our required keys stay required in both formats.
+    for fmt in ("gguf-swarm/1", "gguf-swarm/2"):
+        broken = {k: v for k, v in v1.items() if k != "file_sha256"} | {"format": fmt}
+        with pytest.raises(fr.ManifestError, match="file_sha256"):
+            fr.parse_manifest(broken)
+
+
+@pytest.mark.parametrize("bad", ["A" * 64, "a" * 63, "g" * 64, None, 123])
+def test_rejects_a_bad_block_root(raw_manifest: dict[str, Any], bad: Any) -> None:
+    fragment = copy.deepcopy(raw_manifest)
+    fragment["fragments"][2]["block_root"] = bad
+    with pytest.raises(fr.ManifestError, match="block_root"):
+        fr.parse_manifest(fragment)
+    header = copy.deepcopy(raw_manifest)
+    header["header_block_root"] = bad
+    with pytest.raises(fr.ManifestError, match="header_block_root"):
+        fr.parse_manifest(header)
+
+
+def test_rejects_block_roots_on_some_files_only(raw_manifest: dict[str, Any]) -> None:
+    one_fragment_without = copy.deepcopy(raw_manifest)
+    del one_fragment_without["fragments"][3]["block_root"]
+    header_without = copy.deepcopy(raw_manifest)
+    del header_without["header_block_root"]
+    only_header = _without_blocks(raw_manifest) | {"block_size": BLOCK_SIZE, "header_block_root": "0" * 64}
+    for raw in (one_fragment_without, header_without, only_header):
+        with pytest.raises(fr.ManifestError, match="all or none"):
+            fr.parse_manifest(raw)
+
+
+def test_rejects_block_roots_without_block_size(raw_manifest: dict[str, Any]) -> None:
+    del raw_manifest["block_size"]
+    with pytest.raises(fr.ManifestError, match="no block_size"):
+        fr.parse_manifest(raw_manifest)
+
+
+@pytest.mark.parametrize("bad", [0, -BLOCK_SIZE, 8 * 1024, 32 << 20, 3 << 20, 1_000_000, "1048576", 1048576.0, True])
+def test_rejects_a_bad_block_size(raw_manifest: dict[str, Any], bad: Any) -> None:
+    raw_manifest["block_size"] = bad
+    with pytest.raises(fr.ManifestError, match="block_size"):
+        fr.parse_manifest(raw_manifest)
+
+
+@pytest.mark.parametrize("size", [16 * 1024, BLOCK_SIZE, 16 << 20])
+def test_accepts_block_sizes_within_bounds(raw_manifest: dict[str, Any], size: int) -> None:
+    raw_manifest["block_size"] = size
+    assert fr.parse_manifest(raw_manifest).block_size == size
 
 
 def test_mixed_types_cover_the_issue_list() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 import fragmenter as fr
 from fragmenter.naming import tensor_role
+from protocol.blocks import BLOCK_SIZE, block_digests, block_root
 from tests.conftest import sha256_file
 
 CHUNK = 1024
@@ -82,6 +83,9 @@ def test_legacy_folder_verifies_with_16_hex_checksums(small_model: Path, tmp_pat
     build_legacy_folder(small_model, tmp_path / "legacy")
     report = fr.verify_folder(tmp_path / "legacy")
     assert report.ok and report.checked > 10
+    m = fr.read_manifest(tmp_path / "legacy")
+    assert not m.is_ours and m.block_size is None and m.header_block_root is None
+    assert all(f.block_root is None for f in m.fragments)
 
 
 def test_legacy_folder_detects_corruption(small_model: Path, tmp_path: Path) -> None:
@@ -109,6 +113,12 @@ def test_upgrade_keeps_fragments_and_adds_our_fields(small_model: Path, tmp_path
     assert m.is_ours and m.file_sha256 == sha256_file(small_model)
     assert m.raw["config"]["dim"] == 64  # the model's own numbers, not LLaMA-7B defaults
     assert all(f.sha256 is not None for f in m.fragments)
+    # ...and verified blocks: every file gets its block root.
+    assert m.raw["format"] == fr.FORMAT == "gguf-swarm/2"
+    assert m.block_size == BLOCK_SIZE
+    assert m.header_block_root == block_root(block_digests((tmp_path / "legacy" / "gguf_header.dat").read_bytes()))
+    for f in m.fragments:
+        assert f.block_root == block_root(block_digests((tmp_path / "legacy" / f.file_name).read_bytes()))
     assert fr.verify_folder(tmp_path / "legacy").ok
     result = fr.assemble(tmp_path / "legacy", tmp_path / "back.gguf")
     assert result.checked_against_manifest
