@@ -36,8 +36,9 @@ CHUNK = 1 << 20
 
 
 def fragment_files(path: Path) -> list[Path]:
+    """Every file a pull fetches: the fragments, then gguf_header.dat."""
     folder = open_folder(path)
-    return [folder.fragment_path(entry) for entry in folder.manifest.fragments]
+    return [folder.fragment_path(entry) for entry in folder.manifest.fragments] + [path / "gguf_header.dat"]
 
 
 async def send(folder: Path) -> None:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
-from protocol import PROTOCOL_ID
+from protocol import PROTOCOL_ID, Error, ErrorCode
+from protocol.exchange import EXCHANGE_PROTOCOL_ID, encode_exchange
 
 from .host import (
     NodeError,
@@ -33,6 +34,8 @@ from .host import (
 )
 from .server import FragmentServer, ServeLimits
 from .store import LocalModel, Store
+from .streams import StreamClosed, read_hello
+from .swarm import ModelSwarm
 
 log = logging.getLogger(__name__)
 REPUBLISH_SECONDS = 22 * 3600  # provider records expire after 48 h
@@ -44,10 +47,12 @@ class NodeConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     bootstrap: list[str] = field(default_factory=list)
     serve: ServeLimits = field(default_factory=ServeLimits)
-    # Requests queued on each peer's stream: enough to keep it busy (many small
-    # fragments or two large ones), few enough that the endgame stays short.
-    requests_per_peer: int = 16
-    request_bytes_per_peer: int = 24 << 20
+    # Requests queued on each peer: its measured rate times a short horizon,
+    # never more than these (the serving side accepts 64).
+    requests_per_peer: int = 48
+    request_bytes_per_peer: int = 48 << 20
+    unchoke_slots: int = 4  # peers served at once per model, plus one optimistic unchoke
+    peer_stall_timeout: float = 30.0  # a peer with requests pending that sends nothing this long is dropped
     provides_per_second: float = 5.0
     # ADD_PROVIDER records accepted per sender per 10 s (py-libp2p drops the rest
     # silently; its default of 10 would lose most fragment announcements).
@@ -67,6 +72,46 @@ class Node:
         self._wake = trio.Event()
         self._pulls_transferring = 0
         self.announced: set[str] = set()
+        self.swarms: dict[str, ModelSwarm] = {}
+        self.banned: set[ID] = set()  # sent bad data or broke the protocol: refused everywhere
+        self.nursery: trio.Nursery  # set by open_node; swarms live in it
+
+    # ---- swarms ------------------------------------------------------------
+
+    async def swarm_for(self, model: LocalModel) -> ModelSwarm:
+        """The running swarm of a model (started on first use)."""
+        swarm = self.swarms.get(model.cid)
+        if swarm is None:
+            swarm = self.swarms[model.cid] = ModelSwarm(self, model)
+            await self.nursery.start(swarm.run)
+        return swarm
+
+    async def handle_exchange(self, stream: INetStream) -> None:
+        """An inbound session: its Hello names the model. Never raises (an
+        exception escaping a libp2p handler kills the host)."""
+        peer = stream.muxed_conn.peer_id
+        try:
+            if peer in self.banned:
+                raise StreamClosed("banned peer")
+            with trio.fail_after(10):
+                first, hello = await read_hello(stream)
+            model = self.store.models.get(hello.model_cid)
+            if model is None:
+                with trio.move_on_after(2):
+                    await stream.write(encode_exchange(Error(ErrorCode.NOT_FOUND, "model not held here")))
+                await stream.close()
+                return
+            swarm = await self.swarm_for(model)
+            swarm.accept(stream, first)
+        except Exception as e:
+            log.info("inbound session from %s refused: %r", peer, e)
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+
+    async def throttle(self, n: int) -> None:
+        await self.server.throttle(n)  # one bucket for every upload, v1 requests and sessions alike
 
     @property
     def peer_id(self) -> ID:
@@ -191,6 +236,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             dht._provider_rate_max = config.provider_rate_max
             host.set_stream_handler(PROTOCOL_ID, server.handle)
             node = Node(config, host, dht, store, server)
+            node.nursery = nursery
+            host.set_stream_handler(EXCHANGE_PROTOCOL_ID, node.handle_exchange)
             async with background_trio_service(dht):
                 await node.connect_bootstrap()
                 nursery.start_soon(node._announcer)

@@ -1,65 +1,169 @@
-"""Pulling a model by CID: find holders, fetch and check the manifest and the
-header, fetch the fragments (transfer.py), write the tokenizer files.
-A restart resumes: verified fragments on disk are re-hashed once and kept.
+"""Pulling a model by CID: find holders, fetch and check the manifest, then let
+the model's swarm (swarm.py) fetch every block, header included, while the
+tokenizer files are built from the header as soon as it is in.
+
+A restart resumes: whole files under their final names were verified before
+they got those names and are kept; blocks of files that were still partial
+are fetched again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from libp2p.peer.id import ID
 
 from fragmenter import FragmenterError, parse_header, parse_manifest, write_tokenizer_files
-from protocol import FragmentRequest, HaveRequest, ManifestRequest, cid_of
+from protocol import HaveRequest, ManifestRequest, cid_of
 from protocol.messages import MAX_FRAGMENT_BYTES
 
 from .client import request_body, request_have
 from .host import NodeError
 from .node import Node
 from .store import LocalModel
-from .transfer import PullOptions, PullStats, Transfer
+from .swarm import ModelSwarm
 
 __all__ = ["PullOptions", "PullStats", "pull_model"]
 
 log = logging.getLogger(__name__)
+Event = dict[str, Any]
+
+
+@dataclass
+class PullOptions:
+    find_timeout: float = 30.0  # give up when no peer has the model after this long
+    stall_timeout: float = 60.0  # give up when no byte arrives this long
+    discover_every: float = 30.0  # look for more holders on the DHT at most this rarely
+    on_event: Callable[[Event], None] = lambda e: None
+
+
+@dataclass
+class PullStats:
+    bytes_fetched: int = 0
+    fragments_fetched: int = 0
+    already_had: int = 0
+    seconds: float = 0.0  # the whole pull: finding peers, manifest, blocks, tokenizer
+    transfer_seconds: float = 0.0  # from the first block request to the last block verified
+    bytes_by_peer: dict[str, int] = field(default_factory=dict)
+    bad_peers: set[str] = field(default_factory=set)
 
 
 async def pull_model(node: Node, model_cid: str, options: PullOptions | None = None) -> tuple[LocalModel, PullStats]:
     opts = options or PullOptions()
     stats = PullStats()
     start = time.monotonic()
-    emit = opts.on_event
 
     model = node.store.models.get(model_cid)
     peers = await _find_holders(node, model_cid, opts, need=model is None or not model.complete)
     if model is None:
         model = await _fetch_manifest(node, model_cid, peers)
-        emit(
+        opts.on_event(
             {"event": "manifest", "model": model_cid, "fragments": len(model.have), "bytes": model.manifest.total_bytes}
         )
-    else:
-        dropped = await trio.to_thread.run_sync(node.store.reverify, model)
-        if dropped:
-            emit({"event": "dropped_corrupt", "fragments": dropped})
     stats.already_had = sum(model.have)
-    if not model.header_present:
-        await _fetch_header(node, model, peers)
+    had = set(i for i, h in enumerate(model.have) if h)
 
-    await Transfer(node, model, peers, opts, stats).run()
-    await trio.to_thread.run_sync(_write_tokenizer, model)
+    swarm = await node.swarm_for(model)
+    swarm.on_event = opts.on_event
+    try:
+        await _transfer(node, swarm, peers, opts)
+    except BaseExceptionGroup as group:  # a nursery's wrapping: the caller wants the NodeError itself
+        errors = group.subgroup(NodeError)
+        if errors is None:
+            raise
+        raise _first(errors) from None
+
+    s = swarm.stats
+    stats.bytes_fetched = s.bytes_fetched
+    stats.fragments_fetched = sum(1 for i, h in enumerate(model.have) if h and i not in had)
+    stats.bytes_by_peer = dict(s.bytes_by_peer)
+    stats.bad_peers = set(s.bad_peers)
+    if s.first_request is not None and s.last_block is not None:
+        stats.transfer_seconds = s.last_block - s.first_request
     stats.seconds = time.monotonic() - start
     return model, stats
+
+
+async def _transfer(node: Node, swarm: ModelSwarm, peers: list[ID], opts: PullOptions) -> None:
+    """Every block in, and the tokenizer files written from the header meanwhile."""
+    model = swarm.model
+    with node.transferring():
+        node.announce_model(model)  # the model CID at once: we serve blocks as soon as they are in
+        async with trio.open_nursery() as nursery:
+            tokenizer_done = trio.Event()
+
+            async def tokenizer() -> None:
+                await trio.to_thread.run_sync(_write_tokenizer, model)
+                tokenizer_done.set()
+
+            header = len(model.have)
+            if model.header_present:
+                nursery.start_soon(tokenizer)
+            else:
+                swarm.on_file_complete = lambda k: nursery.start_soon(tokenizer) if k == header else None
+            swarm.add_peers(peers)
+            nursery.start_soon(_discover, node, swarm, opts)
+            await _wait(swarm, opts)
+            await tokenizer_done.wait()
+            nursery.cancel_scope.cancel()
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+async def _wait(swarm: ModelSwarm, opts: PullOptions) -> None:
+    """Until every block is in; NodeError when the swarm fails or stays silent."""
+    last_bytes, last_change = -1, time.monotonic()
+    while True:
+        with trio.move_on_after(1.0):
+            await swarm.complete.wait()
+        if swarm.failure is not None:
+            raise NodeError(str(swarm.failure))
+        if swarm.complete.is_set():
+            return
+        received = swarm.stats.bytes_fetched + sum(link.down.total for link in swarm.links.values())
+        if received != last_bytes:
+            last_bytes, last_change = received, time.monotonic()
+        elif time.monotonic() - last_change > opts.stall_timeout:
+            model = swarm.model
+            missing = [e.file_name for e, h in zip(model.manifest.fragments, model.have, strict=True) if not h]
+            names = ([] if model.header_present else ["gguf_header.dat"]) + missing
+            raise NodeError(
+                f"stalled: nothing arrived for {opts.stall_timeout:.0f} s from {len(swarm.links)} peer(s); "
+                f"{len(names)} file(s) missing, e.g. {', '.join(names[:3])}"
+            )
+
+
+async def _discover(node: Node, swarm: ModelSwarm, opts: PullOptions) -> None:
+    """More holders for the swarm: peers that asked us for this model, connected
+    peers, and DHT providers (soon and often at first, when other pullers are
+    just starting to announce, then every `discover_every`)."""
+    pause = 1.0
+    next_lookup = time.monotonic()
+    while True:
+        swarm.add_peers(list(node.server.askers.get(swarm.model.cid, ())))
+        if time.monotonic() >= next_lookup:
+            swarm.add_peers([info.peer_id for info in await node.find_providers(swarm.model.cid, timeout=10)])
+            next_lookup = time.monotonic() + pause
+            pause = min(pause * 2, opts.discover_every)
+        await trio.sleep(1.0)
 
 
 async def _find_holders(node: Node, model_cid: str, opts: PullOptions, need: bool) -> list[ID]:
     """Peers that answer a have-request for this model. Connected peers (the
     bootstrap nodes) are asked first, so a pull from a seed starts at once;
     only when none of them holds the model does the pull wait for the DHT
-    (which the have-refresh loop keeps searching during the pull anyway)."""
+    (which the discovery loop keeps searching during the pull anyway)."""
     deadline = time.monotonic() + opts.find_timeout
     while True:
         holders = await _holders_among(node, model_cid, node.connected_peers())
@@ -103,29 +207,13 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
             log.warning("peer %s sent a manifest that does not match %s", peer, model_cid)
             continue
         try:
-            parse_manifest(json.loads(data), "manifest from peer")
+            manifest = parse_manifest(json.loads(data), "manifest from peer")
         except (FragmenterError, ValueError) as e:
             raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
+        if manifest.raw.get("header_sha256") is None:
+            raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
         return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data)
     raise NodeError(f"no peer sent a manifest matching {model_cid}")
-
-
-async def _fetch_header(node: Node, model: LocalModel, peers: list[ID]) -> None:
-    if model.header_cid is None:
-        raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
-    expected = model.manifest.raw["header_sha256"]
-    for peer in peers:
-        try:
-            with trio.fail_after(60):
-                data = await request_body(
-                    node.host, peer, FragmentRequest(model.header_cid), model.manifest.header_size
-                )
-        except Exception:
-            continue
-        if hashlib.sha256(data).hexdigest() == expected:
-            await trio.to_thread.run_sync(node.store.add_blob, model, -1, data)
-            return
-    raise NodeError("no peer sent a gguf_header.dat matching the manifest")
 
 
 def _write_tokenizer(model: LocalModel) -> None:

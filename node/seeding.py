@@ -18,8 +18,10 @@ what a peer has been shown only grows.
   number of joined peers), so the first puller to ask does not take it all. A
   block sent to another peer, or announced by one, leaves the share and makes
   room for a new block.
-- Everything is shown when only one peer is joined, since there is nobody to
-  share with. It is also shown to everyone once every block is out
+- Everything is shown when only one peer has been joined for `alone_after`
+  seconds, since there is nobody to share with. Not at once: pullers that
+  start together join a few milliseconds apart, and whatever the first one
+  is shown can never be taken back. It is also shown to everyone once every block is out
   (`active` False); from then on the seed is just one more holder.
 - Never left with nothing to ask for. When a puller's share is used up and
   nothing is left to hand out (the blocks not yet out are all in other
@@ -32,8 +34,7 @@ what a peer has been shown only grows.
 Peers are opaque hashable handles. After any event (join, leave, sent,
 peer_has) the node calls reveal() for every joined peer and sends what it
 returns as HAVEs: any of those events can refill a share or end the first
-round, and a call with nothing new is cheap. The clock is passed in, but no
-rule uses it today.
+round, and a call with nothing new is cheap. The clock is passed in.
 """
 
 from __future__ import annotations
@@ -55,12 +56,20 @@ class _View:
     held: set[int] = field(default_factory=set)  # sent to it by us, or announced by it
     wanted: set[int] = field(default_factory=set)  # shown, not held: what it can still ask us for
     everything: bool = False
+    joined: float = 0.0
     out_seen: int = 0  # how much of the out-order it has been shown (the end of the first round)
 
 
 class SuperSeeding:
-    def __init__(self, block_sizes: list[int], batch_bytes: int = 8 << 20, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        block_sizes: list[int],
+        batch_bytes: int = 8 << 20,
+        alone_after: float = 2.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.sizes = list(block_sizes)
+        self.alone_after = alone_after
         self.batch_bytes = batch_bytes
         self.rng = rng or random.Random()
         self.peers: dict[Peer, _View] = {}
@@ -82,7 +91,7 @@ class SuperSeeding:
 
     def join(self, peer: Peer, now: float) -> None:
         """A peer started pulling from us."""
-        self.peers.setdefault(peer, _View())
+        self.peers.setdefault(peer, _View(joined=now))
 
     def leave(self, peer: Peer) -> None:
         """The peer is gone. Its share goes back to the pool."""
@@ -114,7 +123,7 @@ class SuperSeeding:
         view = self.peers[peer]
         if view.everything:
             return []
-        if not self.active or len(self.peers) == 1:
+        if not self.active or (len(self.peers) == 1 and now - view.joined >= self.alone_after):
             return self._show(view, range(len(self.sizes)))
         new = self._refill(peer, view)
         if not view.share:  # nothing left to hand out: the end of the first round
@@ -189,69 +198,3 @@ class SuperSeeding:
             assert v.wanted == v.shown - v.held
             assert v.everything == (v.shown == everyone)
         assert len(self._owner) == sum(len(s) for s in shares)
-
-
-# ---- legacy ----------------------------------------------------------------
-# InitialSeeding is the fragment-level policy for the polled have-set (v1):
-# each puller that asks is shown a fair share of the fragments nobody has been
-# sent yet; everything is shown when only one puller is active, once every
-# fragment went out, or when nothing is left to assign; fragments sent more
-# than `reveal_after` ago are shown to all. node/server.py uses it until the
-# node switches to blocks and SuperSeeding; then it goes.
-
-
-class InitialSeeding:
-    def __init__(
-        self,
-        sizes: list[int],
-        batch_bytes: int = 48 << 20,
-        reveal_after: float = 30.0,
-        active_window: float = 5.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.sizes = sizes
-        self.batch_bytes = batch_bytes  # at most this many unsent bytes assigned to one puller at a time
-        self.reveal_after = reveal_after  # a fragment sent this long ago is shown to all
-        self.active_window = active_window  # a peer that asked this recently is pulling
-        self.rng = rng or random.Random()
-        self.sent_at: dict[int, float] = {}  # fragment -> first time it went out whole
-        self.assigned: dict[Peer, dict[int, float]] = {}  # peer -> fragments shown to it alone -> when
-        self.last_asked: dict[Peer, float] = {}
-
-    def have_for(self, peer: Peer, now: float) -> list[bool]:
-        """The have-set to show `peer` now."""
-        self.last_asked[peer] = now
-        active = {p for p, t in self.last_asked.items() if now - t <= self.active_window}
-        everything = [True] * len(self.sizes)
-        if len(active) < 2 or len(self.sent_at) == len(self.sizes):
-            return everything
-        self._expire(active, now)
-        mine = self.assigned.setdefault(peer, {})
-        taken = {i for p, frags in self.assigned.items() if p != peer for i in frags}
-        free = [i for i in range(len(self.sizes)) if i not in self.sent_at and i not in taken and i not in mine]
-        self.rng.shuffle(free)
-        # A fair share of what is left, so that the first to ask does not take it all.
-        unsent = sum(self.sizes[i] for i in range(len(self.sizes)) if i not in self.sent_at)
-        budget = min(self.batch_bytes, unsent // len(active)) - sum(self.sizes[i] for i in mine)
-        for i in free:
-            if budget <= 0:
-                break
-            mine[i] = now
-            budget -= self.sizes[i]
-        shown = set(mine) | {i for i, t in self.sent_at.items() if now - t >= self.reveal_after}
-        if not shown:
-            return everything  # nothing left to hand out: do not look like a non-holder
-        return [i in shown for i in range(len(self.sizes))]
-
-    def sent(self, peer: Peer, index: int, now: float) -> None:
-        """A whole fragment went out to `peer`."""
-        self.sent_at.setdefault(index, now)
-        for frags in self.assigned.values():
-            frags.pop(index, None)
-
-    def _expire(self, active: set[Peer], now: float) -> None:
-        """Assignments of peers that stopped asking go back to the pool."""
-        for peer in [p for p in self.assigned if p not in active]:
-            del self.assigned[peer]
-        for peer in [p for p, t in self.last_asked.items() if now - t > 10 * self.active_window]:
-            del self.last_asked[peer]

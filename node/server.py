@@ -34,8 +34,7 @@ from protocol import (
 )
 
 from .ratelimit import TokenBucket
-from .seeding import InitialSeeding
-from .store import LocalModel, Store
+from .store import Store
 from .streams import StreamClosed, read_message, send_message
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ class ServeLimits:
     idle_timeout: float = 60.0  # an open stream with no next request is closed
     stall_timeout: float = 120.0  # a peer that takes no bytes for this long is dropped
     upload_rate: int | None = None  # bytes/s, all peers together; None: unlimited
-    initial_seeding: bool = True  # complete models: show concurrent pullers disjoint batches (seeding.py)
+    initial_seeding: bool = True  # complete models: show concurrent pullers disjoint shares (seeding.py, swarm.py)
 
 
 @dataclass
@@ -65,7 +64,6 @@ class FragmentServer:
     # same model asks them in turn (BitTorrent's incoming peers), so pullers
     # find each other without waiting for the DHT.
     askers: dict[str, dict[ID, None]] = field(default_factory=dict)
-    initial_seeding: dict[str, InitialSeeding] = field(default_factory=dict)  # per complete model
     _bucket: TokenBucket | None = None
     _handlers: set[trio.CancelScope] = field(default_factory=set)
 
@@ -137,22 +135,11 @@ class FragmentServer:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
                 have = model.have
-                seeding = self._seeding_for(model)
-                if seeding is not None:
-                    have = seeding.have_for(stream.muxed_conn.peer_id, trio.current_time())
                 await self._write(stream, encode_frame(Have(len(have), encode_bitfield(have))))
         elif isinstance(request, FragmentRequest):
             await self._send_fragment(stream, request)
         else:
             raise ProtocolError(f"{type(request).__name__} is not a request")
-
-    def _seeding_for(self, model: LocalModel) -> InitialSeeding | None:
-        if not self.limits.initial_seeding or not model.complete:
-            return None
-        seeding = self.initial_seeding.get(model.cid)
-        if seeding is None:
-            seeding = self.initial_seeding[model.cid] = InitialSeeding([e.size for e in model.manifest.fragments])
-        return seeding
 
     def _remember_asker(self, model_cid: str, peer: ID) -> None:
         askers = self.askers.setdefault(model_cid, {})
@@ -171,16 +158,13 @@ class FragmentServer:
             await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "fragment not held here")))
             return
         await self._send_body(stream, data)
-        seeding = self.initial_seeding.get(blob.model_cid)
-        if seeding is not None and blob.index >= 0 and len(data) == blob.size:
-            seeding.sent(stream.muxed_conn.peer_id, blob.index, trio.current_time())
 
     async def _send_body(self, stream: INetStream, data: bytes) -> None:
         await self._write(stream, encode_frame(Data(len(data))))
         view = memoryview(data)
         for start in range(0, len(data), _WRITE):
             chunk = bytes(view[start : start + _WRITE])
-            await self._throttle(len(chunk))
+            await self.throttle(len(chunk))
             await self._write(stream, chunk)
         self.served_bytes += len(data)
         self.served_requests += 1
@@ -189,7 +173,8 @@ class FragmentServer:
         with trio.fail_after(self.limits.stall_timeout):
             await stream.write(data)
 
-    async def _throttle(self, n: int) -> None:
+    async def throttle(self, n: int) -> None:
+        """The node-wide upload rate limit (`serve.upload_rate`), shared with the swarms."""
         if self.limits.upload_rate is None:
             return
         now = trio.current_time()

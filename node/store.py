@@ -164,6 +164,18 @@ class Store:
             self._forget(blob)
             return None
 
+    def is_verified(self, path: Path) -> bool:
+        """Was this file, as it is now on disk, checked against its full hash?"""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (str(path), st.st_size, st.st_mtime_ns) in self._verified
+
+    def mark_verified(self, path: Path) -> None:
+        st = os.stat(path)
+        self._verified.add((str(path), st.st_size, st.st_mtime_ns))
+
     def _forget(self, blob: Blob) -> None:
         for model in self.models.values():
             for i, entry in enumerate(model.manifest.fragments):
@@ -182,15 +194,13 @@ class Store:
             _write_atomic(folder / MANIFEST_NAME, manifest_bytes)
         return self._add_folder(folder, {})
 
-    def add_blob(self, model: LocalModel, index: int, data: bytes) -> None:
+    def write_file(self, model: LocalModel, index: int, data: bytes) -> None:
         """Write verified bytes under their final name (index -1: the header)."""
         name = HEADER_NAME if index == -1 else model.manifest.fragments[index].file_name
         path = model.folder / name
         _write_atomic(path, data)
         if index == -1 or model.manifest.fragments[index].sha256 is not None:
-            # Checked against a full SHA-256 just now: serving it need not hash it again.
-            st = path.stat()
-            self._verified.add((str(path), st.st_size, st.st_mtime_ns))
+            self.mark_verified(path)  # checked against a full SHA-256 just now: serving need not hash it again
         if index == -1:
             model.header_present = True
         else:

@@ -13,7 +13,8 @@ from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 
-from protocol import FrameDecoder, Message, encode_frame
+from protocol import FrameDecoder, Message, ProtocolError, encode_frame
+from protocol.exchange import Hello, decode_exchange_body
 
 _READ = 256 * 1024
 
@@ -52,3 +53,20 @@ async def read_body(stream: INetStream, decoder: FrameDecoder, size: int, stall_
 
 async def send_message(stream: INetStream, msg: Message) -> None:
     await stream.write(encode_frame(msg))
+
+
+async def read_hello(stream: INetStream, limit: int = 64 * 1024) -> tuple[bytes, Hello]:
+    """The first frame of an exchange session, which must be a Hello; returns
+    the bytes read so far (the session replays them) and the Hello."""
+    buf = bytearray()
+    while True:
+        if len(buf) >= 4:
+            size = int.from_bytes(buf[:4], "big")
+            if size > limit:
+                raise ProtocolError("first frame too large")
+            if len(buf) >= 4 + size:
+                hello = decode_exchange_body(bytes(buf[4 : 4 + size]))
+                if not isinstance(hello, Hello):
+                    raise ProtocolError("a session must open with Hello")
+                return bytes(buf), hello
+        buf += await _read_some(stream, 64 * 1024, math.inf)

@@ -7,11 +7,11 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.seeding import InitialSeeding, SuperSeeding
+from node.seeding import SuperSeeding
 
 
-def make(n: int = 12, batch: int = 4, sizes: list[int] | None = None) -> SuperSeeding:
-    return SuperSeeding(sizes or [1] * n, batch_bytes=batch, rng=random.Random(1))
+def make(n: int = 12, batch: int = 4, sizes: list[int] | None = None, alone_after: float = 0.0) -> SuperSeeding:
+    return SuperSeeding(sizes or [1] * n, batch_bytes=batch, alone_after=alone_after, rng=random.Random(1))
 
 
 def joined(s: SuperSeeding, *peers: str) -> SuperSeeding:
@@ -25,6 +25,19 @@ def test_a_lone_puller_is_shown_everything() -> None:
     assert s.reveal("a", 0.0) == list(range(12)) and s.shown("a") is None
     assert s.reveal("a", 1.0) == []
     assert s.shown("nobody") == set()
+    s.check_invariants()
+
+
+def test_a_lone_puller_gets_a_share_until_it_has_been_alone_for_a_while() -> None:
+    s = make(alone_after=2.0)
+    s.join("a", 0.0)
+    first = set(s.reveal("a", 0.0))
+    assert len(first) == 4 and s.shown("a") == first  # others may be a few milliseconds behind
+    s.join("b", 0.1)
+    assert not set(s.reveal("b", 0.1)) & first  # so the second one gets blocks of its own
+    s.leave("b")
+    assert s.reveal("a", 1.5) == [] or s.shown("a") is not None
+    assert len(s.reveal("a", 2.5)) > 0 and s.shown("a") is None  # alone long enough: everything
     s.check_invariants()
 
 
@@ -223,37 +236,3 @@ def test_in_a_small_swarm_each_block_leaves_the_seed_about_once() -> None:
 def test_a_puller_that_leaves_mid_way_costs_little() -> None:
     ratios = [swarm(seed, leaves=30) for seed in range(4)]
     assert max(ratios) <= 1.1, ratios
-
-
-# ---- legacy: InitialSeeding (fragments, polled have-sets) until node/server.py switches to SuperSeeding
-
-
-def bits(have: list[bool]) -> set[int]:
-    return {i for i, b in enumerate(have) if b}
-
-
-def legacy(n: int = 10, size: int = 10, batch: int = 30) -> InitialSeeding:
-    return InitialSeeding([size] * n, batch_bytes=batch, reveal_after=30, active_window=5, rng=random.Random(1))
-
-
-def test_legacy_concurrent_pullers_see_disjoint_batches() -> None:
-    s = legacy()
-    assert bits(s.have_for("a", 0.0)) == set(range(10))  # alone: everything
-    b = bits(s.have_for("b", 0.5))
-    a = bits(s.have_for("a", 1.0))
-    assert len(a) == 3 and len(b) == 3 and not a & b
-
-
-def test_legacy_batches_refill_and_old_fragments_are_revealed() -> None:
-    s = legacy()
-    s.have_for("a", 0.0)
-    s.have_for("b", 0.0)
-    first = min(bits(s.have_for("a", 0.0)))
-    s.sent("a", first, now=1.0)
-    a2 = bits(s.have_for("a", 1.0))
-    assert first not in a2 and len(a2) == 3
-    s.have_for("b", 2.0)
-    assert first not in bits(s.have_for("b", 2.0))
-    s.have_for("a", 40.0)
-    assert first in bits(s.have_for("b", 40.0))  # sent 39 s ago: shown to all again
-    assert list(s.sent_at) == [first]  # tests/integration/test_swarm.py reads sent_at

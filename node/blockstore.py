@@ -1,0 +1,301 @@
+"""The blocks of one model on disk: reading them to serve, writing verified ones.
+
+Rule: a block is written only after it matched its digest, and a file gets its
+final name only when every block is in and the whole file matched the
+manifest's SHA-256 (the block roots come from the same manifest, but only the
+file hash is the user's format: a publisher could make the two disagree).
+Until then the blocks live in a hidden `.partial-` file beside it, which the
+store deletes at its next start, so a crash never leaves a wrong file under a
+final name. Verified blocks of a partial file are served at once.
+
+File k < n is fragment k (manifest order); file n is `gguf_header.dat`.
+Synchronous: the node calls everything here through `trio.to_thread`, except
+the cheap lookups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fragmenter.fsio import fsync_dir
+from fragmenter.manifest import HEADER_NAME
+from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
+from protocol.layout import BlockLayout
+
+from .store import PARTIAL_PREFIX, LocalModel, Store
+
+log = logging.getLogger(__name__)
+
+
+class BadManifest(Exception):
+    """Verified blocks make a file that does not match the manifest's hash: the publisher's mistake."""
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    name: str
+    size: int
+    sha256: str | None  # full hex digest; None for the existing tool's fragments (checksum prefix only)
+    checksum: str  # 16-hex prefix, always present
+    root: str | None  # block_root; None: the file is one block, checked whole
+
+    def matches(self, sha256_hex: str) -> bool:
+        return sha256_hex == self.sha256 if self.sha256 is not None else sha256_hex[:16] == self.checksum
+
+
+def file_specs(model: LocalModel) -> list[FileSpec]:
+    m = model.manifest
+    specs = [FileSpec(e.file_name, e.size, e.sha256, e.checksum, e.block_root) for e in m.fragments]
+    header_sha = m.raw.get("header_sha256")
+    header_sha = header_sha if isinstance(header_sha, str) else None
+    specs.append(FileSpec(HEADER_NAME, m.header_size, header_sha, (header_sha or "")[:16], m.header_block_root))
+    return specs
+
+
+def layout_of(model: LocalModel) -> BlockLayout:
+    specs = file_specs(model)
+    block_size = model.manifest.block_size or BLOCK_SIZE
+    return BlockLayout([s.size for s in specs], [s.root is not None for s in specs], block_size)
+
+
+class _Partial:
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, size)
+        self.blocks_in = 0
+
+
+class ModelBlocks:
+    def __init__(self, store: Store, model: LocalModel) -> None:
+        self.store = store
+        self.model = model
+        self.specs = file_specs(model)
+        self.layout = layout_of(model)
+        self.n = len(self.specs) - 1  # index of the header file
+        self.digests: dict[int, bytes] = {}  # file -> verified block digests
+        self._partials: dict[int, _Partial] = {}
+        self.have = bytearray((self.layout.total_blocks + 7) // 8)  # verified blocks, MSB first
+        self.have_count = 0
+        self.have_bytes = 0
+        self.partial_reads = 0  # blocks served from files still incomplete here
+        for k in range(len(self.specs)):
+            if self.file_complete(k):
+                self._mark_file(k)
+
+    # ---- state -------------------------------------------------------------
+
+    def file_complete(self, k: int) -> bool:
+        return self.model.header_present if k == self.n else self.model.have[k]
+
+    def has_block(self, block: int) -> bool:
+        return bool(self.have[block >> 3] & (0x80 >> (block & 7)))
+
+    @property
+    def complete(self) -> bool:
+        return self.have_count == self.layout.total_blocks
+
+    def held_blocks(self) -> list[int]:
+        return [b for b in range(self.layout.total_blocks) if self.has_block(b)]
+
+    def _mark(self, block: int) -> None:
+        if not self.has_block(block):
+            self.have[block >> 3] |= 0x80 >> (block & 7)
+            self.have_count += 1
+            self.have_bytes += self.layout.block_length(block)
+
+    def _mark_file(self, k: int) -> None:
+        for b in self.layout.file_blocks(k):
+            self._mark(b)
+
+    def _unmark_file(self, k: int) -> None:
+        for b in self.layout.file_blocks(k):
+            if self.has_block(b):
+                self.have[b >> 3] &= ~(0x80 >> (b & 7)) & 0xFF
+                self.have_count -= 1
+                self.have_bytes -= self.layout.block_length(b)
+
+    # ---- serving -------------------------------------------------------------
+
+    def file_digests(self, k: int) -> bytes | None:
+        """Block digests of file k, verified; None when not held whole or not blocked.
+        A complete file is hashed here once (the seed's verify-before-first-serve):
+        a file that rotted on disk is dropped and never served."""
+        if k in self.digests or self.specs[k].root is None:
+            return self.digests.get(k)
+        if not self.file_complete(k):
+            return None
+        spec = self.specs[k]
+        try:
+            data = (self.model.folder / spec.name).read_bytes()
+        except OSError:
+            data = b""
+        digests = block_digests(data, self.layout.block_size)
+        whole_ok = len(data) == spec.size and spec.matches(hashlib.sha256(data).hexdigest())
+        if not whole_ok or block_root(digests) != spec.root:
+            log.error("local file %s does not match the manifest; not serving it", self.model.folder / spec.name)
+            self._drop_file(k)
+            return None
+        self.digests[k] = digests
+        return digests
+
+    def read_block(self, block: int) -> bytes | None:
+        """The bytes of a held block, or None (not held, or the file went bad)."""
+        if not self.has_block(block):
+            return None
+        span = self.layout.span(block)
+        k = span.file
+        if self.file_complete(k):
+            if self.specs[k].root is not None and self.file_digests(k) is None:
+                return None
+            if self.specs[k].root is None and not self._whole_file_ok(k):
+                return None
+            try:
+                with open(self.model.folder / self.specs[k].name, "rb") as f:
+                    f.seek(span.offset)
+                    data = f.read(span.length)
+            except OSError:
+                data = b""
+        else:
+            partial = self._partials.get(k)
+            data = os.pread(partial.fd, span.length, span.offset) if partial else b""
+            self.partial_reads += 1
+        if len(data) != span.length:
+            self._drop_file(k)
+            return None
+        return data
+
+    def _whole_file_ok(self, k: int) -> bool:
+        """Unblocked files (old manifests) are checked whole on first serve."""
+        spec = self.specs[k]
+        path = self.model.folder / spec.name
+        if self.store.is_verified(path):
+            return True
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        if len(data) != spec.size or not spec.matches(hashlib.sha256(data).hexdigest()):
+            log.error("local file %s does not match the manifest; not serving it", path)
+            self._drop_file(k)
+            return False
+        self.store.mark_verified(path)
+        return True
+
+    def _drop_file(self, k: int) -> None:
+        self._unmark_file(k)
+        self.digests.pop(k, None)
+        if k == self.n:
+            self.model.header_present = False
+        else:
+            self.model.have[k] = False
+
+    # ---- receiving -----------------------------------------------------------
+
+    def needs_digests(self, k: int) -> bool:
+        """Must file k's block digests be fetched before its blocks can be checked?"""
+        return self.specs[k].root is not None and len(self.layout.file_blocks(k)) > 1 and k not in self.digests
+
+    def accept_digests(self, k: int, digests: bytes) -> bool:
+        """A peer's digest list for file k: kept if it matches the manifest's root."""
+        spec = self.specs[k]
+        if spec.root is None or len(digests) != DIGEST_SIZE * len(self.layout.file_blocks(k)):
+            return False
+        if block_root(digests) != spec.root:
+            return False
+        self.digests[k] = digests
+        return True
+
+    def check_block(self, block: int, data: bytes) -> bool:
+        """Does `data` match block `block`? (Needs the file's digests, or, for an
+        unblocked file, the whole file's hash.)"""
+        span = self.layout.span(block)
+        if len(data) != span.length:
+            return False
+        spec = self.specs[span.file]
+        if spec.root is None:
+            return spec.matches(hashlib.sha256(data).hexdigest())
+        if len(self.layout.file_blocks(span.file)) == 1:  # one block: its root is the hash of its digest
+            return block_root(hashlib.sha256(data).digest()) == spec.root
+        digests = self.digests.get(span.file)
+        if digests is None:
+            raise LookupError(f"no digests for file {span.file}")
+        j = block - self.layout.first[span.file]
+        return hashlib.sha256(data).digest() == digests[j * DIGEST_SIZE : (j + 1) * DIGEST_SIZE]
+
+    def write_block(self, block: int, data: bytes) -> bool:
+        """Store a checked block; True when it completed its file (then renamed into place)."""
+        span = self.layout.span(block)
+        k = span.file
+        if self.has_block(block):
+            return False
+        spec = self.specs[k]
+        if spec.root is None or len(self.layout.file_blocks(k)) == 1:
+            self._finish(k, data)
+            return True
+        partial = self._partials.get(k)
+        if partial is None:
+            path = self.model.folder / f"{PARTIAL_PREFIX}{spec.name}.{uuid.uuid4().hex[:12]}"
+            partial = self._partials[k] = _Partial(path, spec.size)
+        os.pwrite(partial.fd, data, span.offset)
+        self._mark(block)
+        partial.blocks_in += 1
+        if partial.blocks_in < len(self.layout.file_blocks(k)):
+            return False
+        self._complete_partial(k, partial)
+        return True
+
+    def _complete_partial(self, k: int, partial: _Partial) -> None:
+        spec = self.specs[k]
+        h = hashlib.sha256()
+        offset = 0
+        while offset < spec.size:
+            chunk = os.pread(partial.fd, min(4 << 20, spec.size - offset), offset)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+        del self._partials[k]
+        if not spec.matches(h.hexdigest()):
+            os.close(partial.fd)
+            partial.path.unlink(missing_ok=True)
+            self._unmark_file(k)
+            raise BadManifest(f"{spec.name}: blocks match the manifest's block_root but not its sha256")
+        os.fsync(partial.fd)
+        os.close(partial.fd)
+        final = self.model.folder / spec.name
+        os.replace(partial.path, final)
+        fsync_dir(final.parent)
+        self._set_complete(k, final)
+
+    def _finish(self, k: int, data: bytes) -> None:
+        """A file that is one block: written whole, atomically."""
+        spec = self.specs[k]
+        if not spec.matches(hashlib.sha256(data).hexdigest()):
+            raise BadManifest(f"{spec.name}: block matches the manifest's block_root but not its sha256")
+        self.store.write_file(self.model, k if k < self.n else -1, data)
+        if spec.root is not None:
+            self.digests[k] = block_digests(data, self.layout.block_size)
+        self._mark_file(k)
+
+    def _set_complete(self, k: int, path: Path) -> None:
+        self.store.mark_verified(path)
+        if k == self.n:
+            self.model.header_present = True
+        else:
+            self.model.have[k] = True
+
+    def close(self) -> None:
+        """Drop the partial files (a later pull refetches their blocks)."""
+        for partial in self._partials.values():
+            try:
+                os.close(partial.fd)
+            except OSError:
+                pass
+            partial.path.unlink(missing_ok=True)
+        self._partials.clear()

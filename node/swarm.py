@@ -1,0 +1,727 @@
+"""One model's swarm: a long-lived exchange session with every peer that holds or wants it.
+
+Theory of operation (BitTorrent's peer wire, on libp2p streams):
+- One stream per peer and model (`/gguf-swarm/2.0.0`), both directions. Its
+  rules live in the sans-IO `protocol.session.ExchangeSession`; this module
+  only moves bytes and makes decisions. Per link, a reader task feeds the
+  session and handles its events without ever waiting on a write, and a
+  writer task owns every write: control frames first, in the order the
+  session produced them, then the next 64 KiB chunk of the block being
+  uploaded, so a HAVE or a request is never stuck behind a whole block.
+- Haves are pushed: the held blocks once, then a HAVE per newly verified
+  block. Nothing is polled, so an idle peer costs nothing.
+- What to fetch: the pure `BlockPicker` (rarest first, block-level endgame);
+  how much to queue on a peer: its measured rate times a short horizon.
+- Whom to serve: the pure `Choker` (tit-for-tat while downloading, round
+  robin while seeding, one rotating optimistic unchoke).
+- A seed holding the whole model shows concurrent pullers disjoint shares of
+  what it has not sent yet (`SuperSeeding`), so its upload goes out about once.
+- Blocks are checked against the file's block digests (fetched once per file,
+  checked against the manifest's block_root) on a worker thread and written
+  into a partial file; a completed file is checked whole and renamed.
+- A peer that sends a bad block or breaks the protocol is banned; one that
+  keeps refusing what it claims, or goes silent with requests pending, is dropped.
+- Peers tell each other of other peers (PeerExchange), and of their own
+  listen addresses, so a swarm forms without a DHT round trip per peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import multiaddr
+import trio
+from libp2p.abc import INetStream
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from protocol import Error, ErrorCode
+from protocol.exchange import (
+    EXCHANGE_PROTOCOL_ID,
+    MAX_BITFIELD_BYTES,
+    MAX_HAVE_BATCH,
+    MAX_PEX,
+    Bitfield,
+    CancelBlock,
+    Choke,
+    Hashes,
+    HashesRequest,
+    HaveBlocks,
+    Hello,
+    Interested,
+    NotInterested,
+    PeerExchange,
+    RejectBlock,
+    RequestBlock,
+    Unchoke,
+)
+from protocol.session import BlockReceived, ExchangeSession, LocalProtocolError, RemoteProtocolError
+
+from .blockstore import BadManifest, ModelBlocks
+from .choker import Choker, PeerRates
+from .picker import BlockPicker
+from .rates import RateMeter
+from .seeding import SuperSeeding
+from .store import LocalModel
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024  # one write; a control frame waits at most this long behind a block
+TICK = 0.25
+MAX_LINKS = 60  # sessions per model
+REQUEST_HORIZON = 0.4  # seconds of a peer's measured rate kept queued on it
+MIN_QUEUE_BYTES = 2 << 20
+MAX_PEER_REQUESTS = 64  # what a session accepts from a peer (ExchangeSession's default)
+HASH_REQUESTS = 12  # digest lists asked of one peer at once (the peer accepts 16)
+VERIFY_SLOTS = 8  # received blocks held in memory while being checked and written
+STRIKES = 8  # refusals of claimed blocks while unchoked, with nothing delivered, before a peer is dropped
+DROP_FOR = 300.0  # a dropped peer is not dialled again for this long
+WRITE_STALL = 60.0  # a peer that takes none of our bytes this long is dropped
+
+
+@dataclass
+class SwarmStats:
+    bytes_fetched: int = 0
+    blocks_fetched: int = 0
+    bytes_by_peer: dict[str, int] = field(default_factory=dict)
+    bad_peers: set[str] = field(default_factory=set)
+    bytes_uploaded: int = 0
+    first_request: float | None = None
+    last_block: float | None = None
+
+
+class SwarmFailed(Exception):
+    """The pull cannot go on (bad manifest, disk error, nothing left to fetch from)."""
+
+
+class PeerLink:
+    def __init__(self, peer: ID, stream: INetStream, session: ExchangeSession, initiator: ID, now: float) -> None:
+        self.peer = peer
+        self.stream = stream
+        self.session = session
+        self.initiator = initiator
+        self.out: list[bytes] = []  # frames from the session, written in order by the writer
+        self.wake = trio.Event()
+        self.down = RateMeter()
+        self.up = RateMeter()
+        self.joined = now
+        self.last_recv = now
+        self.last_request: float | None = None
+        self.uploaded_since_unchoke = 0
+        self.uploading: int | None = None  # block the writer is reading or sending
+        self.strikes = 0
+        self.scope = trio.CancelScope()
+        self.ready = False  # the peer's Hello arrived
+        self.bytes_in = 0  # on the wire, control frames included
+        self.bytes_out = 0
+
+    def send(self, msg: Any) -> None:
+        self.out.append(self.session.send(msg))
+        self.wake.set()
+
+
+class ModelSwarm:
+    def __init__(self, node: Node, model: LocalModel) -> None:
+        self.node = node
+        self.model = model
+        self.blocks = ModelBlocks(node.store, model)
+        self.layout = self.blocks.layout
+        self.stats = SwarmStats()
+        self.links: dict[ID, PeerLink] = {}
+        self.known: dict[ID, float] = {}  # peers to dial -> not before this time
+        self.dropped: dict[ID, float] = {}  # peer -> until when it is not dialled or accepted
+        self.banned: set[ID] = set()
+        self.choker = Choker(slots=node.config.unchoke_slots)
+        self.picker: BlockPicker | None = None
+        if not self.blocks.complete:
+            self.picker = BlockPicker(self.layout.total_blocks, self.blocks.held_blocks())
+            # The header first: the tokenizer files are built from it while the rest arrives.
+            self.picker.prioritize(self.layout.file_blocks(self.blocks.n))
+        self.seeding: SuperSeeding | None = None
+        if self.blocks.complete and node.config.serve.initial_seeding:
+            self.seeding = SuperSeeding([self.layout.block_length(b) for b in range(self.layout.total_blocks)])
+        self.hash_asked: dict[int, ID] = {}  # file -> peer asked for its digests
+        self.parked: dict[int, list[tuple[ID, int, bytes]]] = {}  # file -> blocks waiting for its digests
+        self.complete = trio.Event()
+        if self.blocks.complete:
+            self.complete.set()
+        self.failure: Exception | None = None
+        self.on_event: Callable[[dict[str, Any]], None] = lambda e: None
+        self.on_file_complete: Callable[[int], None] = lambda k: None
+        self._verify_slots = trio.Semaphore(VERIFY_SLOTS)
+        self._write_lock = trio.Lock()
+        self._last_progress = 0.0
+        self._nursery: trio.Nursery
+
+    # ---- running -----------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    self._tick(trio.current_time())
+                    await trio.sleep(TICK)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.blocks.close)
+
+    def add_peers(self, peers: list[ID]) -> None:
+        now = trio.current_time()
+        for peer in peers:
+            if peer != self.node.peer_id and peer not in self.links:
+                self.known.setdefault(peer, now)
+
+    def fail(self, error: Exception) -> None:
+        if self.failure is None:
+            self.failure = error
+        self.complete.set()
+
+    def _tick(self, now: float) -> None:
+        if self.picker is not None and not self.complete.is_set():
+            self._dial_known(now)
+            self._check_stalls(now)
+        self._rechoke(now, force=False)
+        if self.seeding is not None:
+            for link in list(self.links.values()):
+                if link.ready:
+                    self._reveal(link, now)
+        for link in list(self.links.values()):
+            if link.ready:
+                self._update_interest(link)
+                self._fill(link)
+        if now - self._last_progress >= 0.5:
+            self._progress(now)
+
+    def _progress(self, now: float) -> None:
+        self._last_progress = now
+        self.on_event(
+            {
+                "event": "progress",
+                "done": self.blocks.have_bytes,
+                "total": sum(self.layout.sizes),
+                "peers": len(self.links),
+                "fragments_done": sum(self.model.have),
+                "fragments": len(self.model.have),
+                "blocks_done": self.blocks.have_count,
+                "blocks": self.layout.total_blocks,
+            }
+        )
+
+    def _check_stalls(self, now: float) -> None:
+        stall = self.node.config.peer_stall_timeout
+        for link in list(self.links.values()):
+            if link.session.our_requests and now - link.last_recv > stall:
+                self._drop(link, f"sent nothing for {stall:.0f} s with requests pending")
+
+    # ---- dialling and accepting -------------------------------------------
+
+    def _dial_known(self, now: float) -> None:
+        for peer, not_before in list(self.known.items()):
+            if len(self.links) >= MAX_LINKS:
+                return
+            if peer in self.links or peer in self.banned or self.dropped.get(peer, 0) > now or not_before > now:
+                continue
+            self.known[peer] = now + 30.0  # next attempt, if this one fails
+            self._nursery.start_soon(self._dial, peer)
+
+    async def _dial(self, peer: ID) -> None:
+        try:
+            with trio.fail_after(10):
+                stream = await self.node.host.new_stream(peer, [EXCHANGE_PROTOCOL_ID])
+        except Exception as e:
+            log.info("cannot open a session with %s: %r", peer, e)
+            return
+        self.known.pop(peer, None)
+        await self.run_link(stream, initiator=True)
+
+    def accept(self, stream: INetStream, first_bytes: bytes) -> None:
+        """An inbound session whose Hello (in first_bytes) names this model."""
+        self._nursery.start_soon(self.run_link, stream, False, first_bytes)
+
+    async def run_link(self, stream: INetStream, initiator: bool, first_bytes: bytes = b"") -> None:
+        peer = stream.muxed_conn.peer_id
+        now = trio.current_time()
+        log.debug("session with %s starting (we opened it: %s)", peer, initiator)
+        if peer in self.banned or self.dropped.get(peer, 0) > now or len(self.links) >= MAX_LINKS:
+            await _reset(stream)
+            return
+        opener = self.node.peer_id if initiator else peer
+        existing = self.links.get(peer)
+        if existing is not None:
+            # Both sides dialled: keep the session opened by the smaller peer id, on both ends.
+            keep_new = str(opener) < str(existing.initiator)
+            if not keep_new:
+                await _reset(stream)
+                return
+            existing.scope.cancel()
+        session = ExchangeSession(self.layout, self.model.cid)
+        link = PeerLink(peer, stream, session, opener, now)
+        self.links[peer] = link
+        try:
+            with link.scope:
+                link.send(Hello(self.model.cid, self.layout.total_blocks))
+                self._send_own_addrs(link)
+                if first_bytes:
+                    session.receive_data(first_bytes)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, link)
+                    await self._reader(link)
+                    nursery.cancel_scope.cancel()
+        except Exception as group:
+            self._link_failed(peer, _first_leaf(group))
+        finally:
+            if self.links.get(peer) is link:
+                del self.links[peer]
+                if self.picker is not None:
+                    self.picker.remove_peer(peer)
+                if self.seeding is not None:
+                    self.seeding.leave(peer)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await _reset(stream)
+
+    def _link_failed(self, peer: ID, e: BaseException) -> None:
+        if isinstance(e, RemoteProtocolError):
+            self._ban(peer, f"broke the protocol: {e}")
+        elif isinstance(e, LocalProtocolError):
+            log.error("our own protocol bug in the session with %s", peer, exc_info=e)
+        elif isinstance(e, BadManifest | OSError):
+            self.fail(SwarmFailed(str(e)))
+        else:  # the peer went away: StreamClosed, TooSlowError, or one of libp2p's many kinds
+            log.info("session with %s ended: %r", peer, e)
+
+    def _send_own_addrs(self, link: PeerLink) -> None:
+        addrs = tuple(a for a in self.node.addrs() if len(a) <= 300)[:MAX_PEX]
+        if addrs:
+            link.send(PeerExchange(addrs))
+
+    # ---- the writer: control frames first, then chunks of the block being uploaded
+
+    async def _writer(self, link: PeerLink) -> None:
+        session = link.session
+        while True:
+            if link.out:
+                data = b"".join(link.out)
+                link.out.clear()
+                await self._write(link, data)
+                continue
+            block = self._next_upload(link)
+            if block is None:
+                link.wake = trio.Event()
+                await link.wake.wait()
+                continue
+            link.uploading = block
+            data = await trio.to_thread.run_sync(self.blocks.read_block, block)
+            if data is None:
+                link.uploading = None
+                if session.peer_requests.get(block) == 0:
+                    link.send(RejectBlock(block))
+                continue
+            view = memoryview(data)
+            for offset in range(0, max(len(data), 1), CHUNK):
+                if link.out:  # control frames produced meanwhile go first
+                    pending = b"".join(link.out)
+                    link.out.clear()
+                    await self._write(link, pending)
+                chunk = view[offset : offset + CHUNK]
+                await self.node.throttle(len(chunk))
+                frame = session.send_chunk(block, offset, chunk)
+                await self._write(link, frame)
+                now = trio.current_time()
+                link.up.add(len(chunk), now)
+                link.uploaded_since_unchoke += len(chunk)
+                self.stats.bytes_uploaded += len(chunk)
+            link.uploading = None
+            if self.seeding is not None:
+                now = trio.current_time()
+                self.seeding.sent(link.peer, block, now)
+                self._reveal(link, now)
+
+    def _next_upload(self, link: PeerLink) -> int | None:
+        for block, sent in link.session.peer_requests.items():
+            if sent or not link.session.am_choking:
+                return block
+        return None
+
+    async def _write(self, link: PeerLink, data: bytes) -> None:
+        with trio.fail_after(WRITE_STALL):
+            await link.stream.write(data)
+        link.bytes_out += len(data)
+
+    # ---- the reader: every event handled without waiting on a write -------
+
+    async def _reader(self, link: PeerLink) -> None:
+        session = link.session
+        while not session.closed:
+            while (event := session.next_event()) is not None:  # first: what the Hello came with
+                if isinstance(event, BlockReceived):
+                    await self._verify_slots.acquire()  # backpressure: at most VERIFY_SLOTS blocks held
+                    self._nursery.start_soon(self._store_block, link, event.block, event.data)
+                else:
+                    self._on_event(link, event)
+            data = await _read_some(link.stream)
+            link.bytes_in += len(data)
+            link.last_recv = trio.current_time()
+            session.receive_data(data)
+
+    def _on_event(self, link: PeerLink, event: Any) -> None:
+        log.debug("%s <- %s: %r", self.node.peer_id, link.peer, event)
+        session = link.session
+        now = trio.current_time()
+        if isinstance(event, Hello):
+            link.ready = True
+            self._send_initial_haves(link, now)
+            self._send_peers(link)
+        elif isinstance(event, Bitfield | HaveBlocks):
+            self._peer_has(link, event)
+        elif isinstance(event, RequestBlock):
+            link.last_request = now
+            if session.am_choking or not self._may_serve(link, event.block):
+                link.send(RejectBlock(event.block))
+            else:
+                link.wake.set()
+        elif isinstance(event, CancelBlock):
+            if session.peer_requests.get(event.block) == 0 and link.uploading != event.block:
+                link.send(RejectBlock(event.block))
+        elif isinstance(event, RejectBlock):
+            if self.picker is not None:
+                self.picker.rejected(link.peer, event.block)
+            if not session.peer_choking and session.peer_has(event.block):
+                link.strikes += 1
+                if link.strikes >= STRIKES:
+                    self._drop(link, f"refused {link.strikes} blocks it claims to hold")
+                    return
+            self._fill(link)
+        elif isinstance(event, Unchoke):
+            self._fill(link)
+        elif isinstance(event, Choke):
+            pass  # our pending requests come back as rejections
+        elif isinstance(event, Interested | NotInterested):
+            self._rechoke(now, force=True)
+        elif isinstance(event, HashesRequest):
+            self._nursery.start_soon(self._answer_hashes, link, event.file)
+        elif isinstance(event, Hashes):
+            self._on_hashes(link, event)
+        elif isinstance(event, PeerExchange):
+            self._on_pex(link, event)
+        elif isinstance(event, Error):
+            log.info("peer %s closed the session: %s", link.peer, event.message)
+
+    def _may_serve(self, link: PeerLink, block: int) -> bool:
+        if not self.blocks.has_block(block):
+            return False
+        if self.seeding is not None:
+            shown = self.seeding.shown(link.peer)
+            return shown is None or block in shown
+        return True
+
+    # ---- haves -----------------------------------------------------------------
+
+    def _send_initial_haves(self, link: PeerLink, now: float) -> None:
+        if self.seeding is not None:
+            self.seeding.join(link.peer, now)
+            self._reveal(link, now)
+        elif self.blocks.have_count:
+            self._send_bitfield(link, self.blocks.have)
+
+    def _reveal(self, link: PeerLink, now: float) -> None:
+        assert self.seeding is not None
+        shown = self.seeding.reveal(link.peer, now)
+        if shown:
+            self._send_haves(link, shown)
+
+    def _send_haves(self, link: PeerLink, blocks: list[int]) -> None:
+        if len(blocks) > 256:  # many at once: a bitfield is smaller
+            bits = bytearray(len(self.blocks.have))
+            for b in blocks:
+                bits[b >> 3] |= 0x80 >> (b & 7)
+            self._send_bitfield(link, bits)
+            return
+        for i in range(0, len(blocks), MAX_HAVE_BATCH):
+            link.send(HaveBlocks(tuple(blocks[i : i + MAX_HAVE_BATCH])))
+
+    def _send_bitfield(self, link: PeerLink, bits: bytes | bytearray) -> None:
+        for start in range(0, len(bits), MAX_BITFIELD_BYTES):
+            part = bytes(bits[start : start + MAX_BITFIELD_BYTES])
+            if any(part):
+                link.send(Bitfield(start * 8, part))
+
+    def _peer_has(self, link: PeerLink, event: Bitfield | HaveBlocks) -> None:
+        if isinstance(event, HaveBlocks):
+            blocks: list[int] = list(event.blocks)
+        else:
+            blocks = [
+                event.first + i * 8 + j
+                for i, byte in enumerate(event.bits)
+                if byte
+                for j in range(8)
+                if byte & (0x80 >> j)
+            ]
+        if self.seeding is not None:
+            for b in blocks:
+                self.seeding.peer_has(link.peer, b)
+        if self.picker is not None and not self.complete.is_set():
+            if link.session.peer_have_count == self.layout.total_blocks:
+                self.picker.peer_has_all(link.peer)
+            else:
+                self.picker.peer_has(link.peer, blocks)
+            self._update_interest(link)
+            self._fill(link)
+
+    def _update_interest(self, link: PeerLink) -> None:
+        session = link.session
+        wanted = self.picker is not None and not self.complete.is_set() and self.picker.interesting(link.peer)
+        if wanted and not session.am_interested:
+            link.send(Interested())
+        elif not wanted and session.am_interested:
+            link.send(NotInterested())
+
+    # ---- requests ----------------------------------------------------------------
+
+    def _fill(self, link: PeerLink) -> None:
+        session = link.session
+        picker = self.picker
+        if picker is None or self.complete.is_set() or session.peer_choking or not session.am_interested:
+            return
+        now = trio.current_time()
+        config = self.node.config
+        target_bytes = min(max(MIN_QUEUE_BYTES, link.down.rate(now) * REQUEST_HORIZON), config.request_bytes_per_peer)
+        queued = self.layout.block_bytes(list(session.our_requests))
+        room = min(config.requests_per_peer, MAX_PEER_REQUESTS) - len(session.our_requests)
+        while room > 0 and queued < target_bytes:
+            picks = picker.pick(link.peer, 1)
+            if not picks:
+                break
+            block = picks[0]
+            file = self.layout.file_of(block)
+            if self.blocks.needs_digests(file) and file not in self.hash_asked:
+                if len(session.our_hash_requests) >= HASH_REQUESTS:
+                    picker.rejected(link.peer, block)  # later, once digests asked for arrive
+                    break
+                self.hash_asked[file] = link.peer
+                link.send(HashesRequest(file))
+            link.send(RequestBlock(block))
+            if self.stats.first_request is None:
+                self.stats.first_request = time.monotonic()
+            queued += self.layout.block_length(block)
+            room -= 1
+
+    # ---- hashes ------------------------------------------------------------------
+
+    async def _answer_hashes(self, link: PeerLink, file: int) -> None:
+        digests = self.blocks.digests.get(file)
+        if digests is None and self.blocks.file_complete(file):
+            digests = await trio.to_thread.run_sync(self.blocks.file_digests, file)
+        if link.session.closed or self.links.get(link.peer) is not link:
+            return
+        link.send(Hashes(file, digests or b""))
+
+    def _on_hashes(self, link: PeerLink, event: Hashes) -> None:
+        file = event.file
+        if self.hash_asked.get(file) == link.peer:
+            del self.hash_asked[file]
+        if file in self.blocks.digests:
+            return
+        if not event.digests:
+            link.strikes += 1  # it claimed blocks of this file but has no digests for it
+        elif not self.blocks.accept_digests(file, event.digests):
+            self._ban(link.peer, f"sent block digests for file {file} that do not match the manifest")
+            return
+        if file in self.blocks.digests:
+            for peer, block, data in self.parked.pop(file, []):
+                self._nursery.start_soon(self._store_parked, peer, block, data)
+        else:
+            self._ask_hashes_elsewhere(file, exclude=link.peer)
+
+    def _ask_hashes_elsewhere(self, file: int, exclude: ID | None) -> None:
+        blocks = self.layout.file_blocks(file)
+        for peer, other in self.links.items():
+            if peer == exclude or not other.ready or len(other.session.our_hash_requests) >= HASH_REQUESTS:
+                continue
+            if any(other.session.peer_has(b) for b in blocks):
+                self.hash_asked[file] = peer
+                other.send(HashesRequest(file))
+                return
+
+    async def _store_parked(self, peer: ID, block: int, data: bytes) -> None:
+        link = self.links.get(peer)
+        await self._verify_slots.acquire()
+        await self._store_block(link, block, data, peer)
+
+    # ---- received blocks ---------------------------------------------------------
+
+    async def _store_block(self, link: PeerLink | None, block: int, data: bytes, peer: ID | None = None) -> None:
+        """Check and write one received block (a verify slot is held on entry)."""
+        peer = link.peer if link is not None else peer
+        assert peer is not None
+        try:
+            if link is not None:
+                now = trio.current_time()
+                link.down.add(len(data), now)
+                link.strikes = 0
+                self._fill(link)  # its queue has room again: keep the peer busy while we check
+            picker = self.picker
+            if picker is None or self.blocks.has_block(block):
+                return  # an endgame duplicate that lost the race
+            file = self.layout.file_of(block)
+            if self.blocks.needs_digests(file):
+                self.parked.setdefault(file, []).append((peer, block, data))
+                if file not in self.hash_asked:
+                    self._ask_hashes_elsewhere(file, exclude=None)
+                return
+            async with self._write_lock:
+                if self.blocks.has_block(block):
+                    return
+                ok = await trio.to_thread.run_sync(self.blocks.check_block, block, data)
+                if not ok:
+                    picker.rejected(peer, block)
+                    self._ban(peer, f"sent block {block} that does not match its digest")
+                    return
+                completed = await trio.to_thread.run_sync(self.blocks.write_block, block, data)
+            self._verified(peer, block, len(data), completed)
+        except (BadManifest, OSError) as e:
+            self.fail(SwarmFailed(f"cannot store {self.model.folder}: {e}"))
+        finally:
+            self._verify_slots.release()
+
+    def _verified(self, peer: ID, block: int, size: int, completed_file: bool) -> None:
+        picker = self.picker
+        assert picker is not None
+        for other in picker.got(peer, block):
+            link = self.links.get(other)
+            if link is not None and block in link.session.our_requests and block not in link.session.cancelled:
+                link.send(CancelBlock(block))
+        self.stats.bytes_fetched += size
+        self.stats.blocks_fetched += 1
+        self.stats.last_block = time.monotonic()
+        key = str(peer)
+        self.stats.bytes_by_peer[key] = self.stats.bytes_by_peer.get(key, 0) + size
+        for link in self.links.values():
+            if link.ready:
+                link.send(HaveBlocks((block,)))
+        if completed_file:
+            file = self.layout.file_of(block)
+            if file < len(self.model.have):
+                self.node.announce_fragment(self.model.fragment_cids[file])
+            self.on_file_complete(file)
+        if picker.done:
+            self._finished()
+
+    def _finished(self) -> None:
+        self.picker = None
+        for link in self.links.values():
+            if link.ready and link.session.am_interested:
+                link.send(NotInterested())
+        self.complete.set()
+        self._progress(trio.current_time())
+
+    # ---- choking -------------------------------------------------------------------
+
+    def _rechoke(self, now: float, force: bool) -> None:
+        if not force and not self.choker.due(now):
+            return
+        peers = {
+            peer: PeerRates(
+                interested=link.session.peer_interested,
+                download_rate=link.down.rate(now),
+                upload_rate=link.up.rate(now),
+                uploaded=link.uploaded_since_unchoke,
+                last_request=link.last_request,
+                joined=link.joined,
+            )
+            for peer, link in self.links.items()
+            if link.ready
+        }
+        unchoked = self.choker.update(now, peers, seeding=self.complete.is_set())
+        for peer, link in self.links.items():
+            if not link.ready:
+                continue
+            if peer in unchoked and link.session.am_choking:
+                link.uploaded_since_unchoke = 0
+                link.send(Unchoke())
+            elif peer not in unchoked and not link.session.am_choking:
+                link.send(Choke())
+
+    # ---- peer exchange ---------------------------------------------------------------
+
+    def _send_peers(self, link: PeerLink) -> None:
+        """Tell a new peer of the others, and the others of it."""
+        store = self.node.host.get_peerstore()
+        addrs: list[str] = []
+        for peer, other in self.links.items():
+            if peer == link.peer or not other.ready:
+                continue
+            for a in store.addrs(peer)[:2]:
+                addrs.append(f"{a}/p2p/{peer}")
+        if addrs:
+            link.send(PeerExchange(tuple(a for a in addrs if len(a) <= 300)[:MAX_PEX]))
+        mine = [f"{a}/p2p/{link.peer}" for a in store.addrs(link.peer)[:2]]
+        mine = [a for a in mine if len(a) <= 300]
+        if mine:
+            for peer, other in self.links.items():
+                if peer != link.peer and other.ready:
+                    other.send(PeerExchange(tuple(mine)))
+
+    def _on_pex(self, link: PeerLink, event: PeerExchange) -> None:
+        store = self.node.host.get_peerstore()
+        for text in event.addrs:
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(text))
+            except Exception:
+                continue  # not an address we can use; harmless
+            if info.peer_id == self.node.peer_id:
+                continue
+            if info.peer_id == link.peer:
+                store.add_addrs(info.peer_id, info.addrs, 3600)  # its own listen addresses
+            elif self.picker is not None and info.peer_id not in self.links:
+                store.add_addrs(info.peer_id, info.addrs, 3600)
+                self.known.setdefault(info.peer_id, trio.current_time())
+
+    # ---- standing --------------------------------------------------------------------
+
+    def _ban(self, peer: ID, why: str) -> None:
+        log.warning("banning peer %s: %s", peer, why)
+        self.banned.add(peer)
+        self.stats.bad_peers.add(str(peer))
+        self.on_event({"event": "bad_peer", "peer": str(peer), "reason": why})
+        link = self.links.get(peer)
+        if link is not None:
+            link.scope.cancel()
+        self.node.banned.add(peer)
+
+    def _drop(self, link: PeerLink, why: str) -> None:
+        log.info("dropping peer %s: %s", link.peer, why)
+        self.dropped[link.peer] = trio.current_time() + DROP_FOR
+        link.scope.cancel()
+
+
+def _first_leaf(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
+async def _read_some(stream: INetStream) -> bytes:
+    from .streams import _read_some as read_some
+
+    return await read_some(stream, 256 * 1024, math.inf)
+
+
+async def _reset(stream: INetStream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
+def hello_error(model_cid: str) -> Error:
+    return Error(ErrorCode.NOT_FOUND, f"no model {model_cid} here")

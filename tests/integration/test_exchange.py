@@ -1,0 +1,127 @@
+"""The v2 exchange between real nodes on 127.0.0.1: verified blocks passed on
+before their fragment completes, pushed haves (an idle session is silent),
+and peers that claim what they refuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from gguf import GGMLQuantizationType as T
+
+import fragmenter as fr
+from node.host import NodeError
+from node.pull import PullOptions, pull_model
+from node.server import ServeLimits
+from node.swarm import STRIKES, ModelSwarm
+from protocol import Error
+from protocol.exchange import EXCHANGE_PROTOCOL_ID, Hello, decode_exchange_body, encode_exchange
+from tests.conftest import sha256_file
+from tests.gguf_factory import write_model
+from tests.integration.test_swarm import model_folder, node_at
+
+
+def big_fragment_model(base: Path) -> tuple[Path, Path]:
+    """~8 MB in 4 fragments of 2 MiB: two verified blocks each."""
+    tensors = [(f"blk.{i}.ffn_up.weight", T.F32, (512, 1024)) for i in range(4)]
+    model = write_model(base.parent / "big.gguf", tensors, vocab=False)
+    folder = base / "big"
+    fr.fragment_model(model, folder, chunk_size=4 << 20)
+    return model, folder
+
+
+async def test_blocks_are_passed_on_before_their_fragment_is_complete(tmp_path: Path) -> None:
+    model, folder = big_fragment_model(tmp_path / "seed")
+    manifest = fr.read_manifest(folder)
+    assert all(e.size > (1 << 20) and e.block_root for e in manifest.fragments)
+    # A slow seed: two pullers overlap, and each can give the other blocks of
+    # fragments neither has finished.
+    async with (
+        node_at(tmp_path / "seed", serve=ServeLimits(upload_rate=3_000_000)) as seed,
+        node_at(tmp_path / "a", seed.addrs()[:1]) as a,
+        node_at(tmp_path / "b", seed.addrs()[:1]) as b,
+    ):
+        model_cid = next(iter(seed.store.models))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for node in (a, b):
+                    nursery.start_soon(pull_model, node, model_cid, PullOptions(find_timeout=20))
+        served_partial = a.swarms[model_cid].blocks.partial_reads + b.swarms[model_cid].blocks.partial_reads
+        from_each_other = a.swarms[model_cid].stats.bytes_by_peer.get(str(b.peer_id), 0) + b.swarms[
+            model_cid
+        ].stats.bytes_by_peer.get(str(a.peer_id), 0)
+        for node in (a, b):
+            out = tmp_path / f"{node.peer_id}.gguf"
+            fr.assemble(node.store.models[model_cid].folder, out)
+            assert sha256_file(out) == sha256_file(model)
+    assert from_each_other > 0
+    assert served_partial > 0  # a block went out before its own fragment was whole
+
+
+async def test_an_idle_session_sends_nothing(tmp_path: Path) -> None:
+    model_folder(tmp_path / "seed")
+    async with node_at(tmp_path / "seed") as seed, node_at(tmp_path / "p", seed.addrs()[:1]) as puller:
+        model_cid = next(iter(seed.store.models))
+        await pull_model(puller, model_cid, PullOptions(find_timeout=20))
+        link = puller.swarms[model_cid].links[seed.peer_id]
+        await trio.sleep(1.0)  # the last HAVEs and NOT_INTERESTED settle
+        before = (link.bytes_in, link.bytes_out)
+        await trio.sleep(3.0)
+        assert (link.bytes_in, link.bytes_out) == before  # pushed state, no polling: 0 bytes/s
+
+
+def make_liar(swarm: ModelSwarm) -> None:
+    """A peer that claims every block and refuses every request."""
+    swarm._may_serve = lambda link, block: False  # type: ignore[method-assign]
+
+
+async def test_a_peer_that_refuses_what_it_claims_is_dropped_and_the_pull_completes(tmp_path: Path) -> None:
+    model, folder = model_folder(tmp_path / "honest")
+    liar_dir = tmp_path / "liar"
+    (liar_dir / folder.name).mkdir(parents=True)
+    for p in folder.iterdir():
+        (liar_dir / folder.name / p.name).write_bytes(p.read_bytes())
+    async with (
+        node_at(tmp_path / "honest", serve=ServeLimits(upload_rate=2_000_000)) as honest,
+        node_at(liar_dir) as liar,
+    ):
+        model_cid = next(iter(honest.store.models))
+        make_liar(await liar.swarm_for(liar.store.models[model_cid]))
+        async with node_at(tmp_path / "p", honest.addrs()[:1] + liar.addrs()[:1]) as puller:
+            with trio.fail_after(60):
+                got, stats = await pull_model(puller, model_cid, PullOptions(find_timeout=20))
+            swarm = puller.swarms[model_cid]
+            assert liar.peer_id in swarm.dropped  # lost its standing: not dialled again for a while
+            assert set(stats.bytes_by_peer) == {str(honest.peer_id)}
+    fr.assemble(got.folder, tmp_path / "out.gguf")
+    assert sha256_file(tmp_path / "out.gguf") == sha256_file(model)
+    assert STRIKES > 1
+
+
+async def test_a_pull_from_liars_alone_stops_with_a_clear_error(tmp_path: Path) -> None:
+    model_folder(tmp_path / "liar")
+    async with node_at(tmp_path / "liar") as liar:
+        model_cid = next(iter(liar.store.models))
+        make_liar(await liar.swarm_for(liar.store.models[model_cid]))
+        async with node_at(tmp_path / "p", liar.addrs()[:1]) as puller:
+            with trio.fail_after(30), pytest.raises(NodeError, match="stalled.*missing"):
+                await pull_model(puller, model_cid, PullOptions(find_timeout=10, stall_timeout=3))
+
+
+async def test_a_session_for_an_unknown_model_is_refused_and_the_node_keeps_serving(tmp_path: Path) -> None:
+    model_folder(tmp_path / "seed")
+    async with node_at(tmp_path / "seed") as seed, node_at(tmp_path / "c", seed.addrs()[:1]) as client:
+        stream = await client.host.new_stream(seed.peer_id, [EXCHANGE_PROTOCOL_ID])
+        unknown = "bafkreigsgxmcnkhjmxpohdq62xbgq327uoav2d7pbbkjdc5so4fnmqu3fq"
+        await stream.write(encode_exchange(Hello(unknown, 10)))
+        with trio.fail_after(5):
+            frame = await stream.read(65536)
+        answer = decode_exchange_body(frame[4:])
+        assert isinstance(answer, Error)
+        # ... and garbage instead of a Hello is refused without harm
+        stream = await client.host.new_stream(seed.peer_id, [EXCHANGE_PROTOCOL_ID])
+        await stream.write(b"\x00\x00\x00\x05garbage")
+        model_cid = next(iter(seed.store.models))
+        got, _ = await pull_model(client, model_cid, PullOptions(find_timeout=10))
+        assert got.complete
