@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from fragmenter import FragmenterError, parse_header, parse_manifest, write_tokenizer_files
+from fragmenter import FragmenterError, parse_manifest
 from protocol import HaveRequest, ManifestRequest, cid_of
 from protocol.messages import MAX_FRAGMENT_BYTES
 
@@ -99,7 +100,7 @@ async def _transfer(node: Node, swarm: ModelSwarm, peers: list[ID], opts: PullOp
             tokenizer_done = trio.Event()
 
             async def tokenizer() -> None:
-                await trio.to_thread.run_sync(_write_tokenizer, model)
+                await _write_tokenizer(model)
                 tokenizer_done.set()
 
             header = len(model.have)
@@ -216,9 +217,14 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
     raise NodeError(f"no peer sent a manifest matching {model_cid}")
 
 
-def _write_tokenizer(model: LocalModel) -> None:
-    try:
-        header = parse_header((model.folder / "gguf_header.dat").read_bytes())
-        write_tokenizer_files(header, model.folder)
-    except FragmenterError as e:
-        log.warning("no tokenizer files for %s: %s", model.cid, e)
+async def _write_tokenizer(model: LocalModel) -> None:
+    """The tokenizer files, built in a process of their own (see fragmenter/build_tokenizer.py)."""
+    header = model.folder / "gguf_header.dat"
+    result = await trio.run_process(
+        [sys.executable, "-m", "fragmenter.build_tokenizer", str(header), str(model.folder)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        log.warning("no tokenizer files for %s: %s", model.cid, result.stderr.decode(errors="replace").strip()[-300:])

@@ -1,0 +1,32 @@
+"""`python -m fragmenter.build_tokenizer HEADER FOLDER`: write the tokenizer files
+of a GGUF header (or whole GGUF) into FOLDER, in a process of its own.
+
+A pull builds them while its blocks arrive. In a thread this pure-Python work
+would hold the GIL against the transfer's event loop (it halved loopback
+goodput); in its own process it runs on another core.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import FragmenterError
+from .gguf_header import parse_header
+from .tokenizer import write_tokenizer_files
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m fragmenter.build_tokenizer HEADER FOLDER", file=sys.stderr)
+        return 2
+    try:
+        write_tokenizer_files(parse_header(Path(argv[0]).read_bytes()), Path(argv[1]))
+    except (FragmenterError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
