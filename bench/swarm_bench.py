@@ -47,20 +47,25 @@ def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[list[float], lis
     procs: list[subprocess.Popen[str]] = []
     try:
         seed = subprocess.Popen(
-            cli_on(lab, 0, "seed", "--data-dir", str(work / "seed"), "--listen", f"/ip4/{host_ip(0)}/tcp/{PORT}"),
+            cli_on(
+                lab, 0, "seed", "--data-dir", str(work / "seed"), "--listen", f"/ip4/{host_ip(0)}/tcp/{PORT}", "--json"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
             cwd=ROOT,
         )
         procs.append(seed)
-        seed_addr = seed.stdout.readline().strip()  # type: ignore[union-attr]
-        if not seed_addr.startswith("/ip4/"):
-            raise SystemExit("the seed node did not start")
+        first = seed.stdout.readline()  # type: ignore[union-attr]
+        try:
+            seed_addr = json.loads(first)["addrs"][0]
+        except (ValueError, KeyError, IndexError):
+            raise SystemExit(f"the seed node did not start: {first!r}") from None
         seed_id = seed_addr.rsplit("/", 1)[1]
         data_done: list[float] = [float("inf")] * n
         cmd_done: list[float] = [float("inf")] * n
         start = time.monotonic()
+        threading.Thread(target=_watch_seed, args=(seed, start), daemon=True).start()
         watchers = []
         for i in range(1, n + 1):
             args = ["pull", cid, "--data-dir", str(work / f"p{i}"), "--listen", f"/ip4/{host_ip(i)}/tcp/{PORT}"]
@@ -74,10 +79,12 @@ def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[list[float], lis
             watchers.append(watcher)
         for watcher in watchers:
             watcher.join(timeout=900)
+        time.sleep(5.5)  # one more stats event from the seed, after the last puller is done
         total = sum(sum(v.values()) for v in from_peers.values())
         from_seed = sum(v.get(seed_id, 0) for v in from_peers.values())
         share = from_seed / max(total, 1)
         print(f"bytes pulled from the seed: {from_seed / 1e6:.0f} MB of {total / 1e6:.0f} MB ({share:.0%})")
+        print(f"seed uploaded (its own count): {seed_uploaded[0] / 1e6:.0f} MB")
         return data_done, cmd_done
     finally:
         for proc in procs:
@@ -90,6 +97,22 @@ def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[list[float], lis
 
 
 from_peers: dict[int, dict[str, int]] = {}  # puller -> bytes it got from each peer
+seed_uploaded: list[int] = [0]  # bytes the seed has sent, by its own count (stats events every 5 s)
+
+
+def _watch_seed(proc: subprocess.Popen[str], start: float) -> None:
+    log = open(LOGS / "seed.jsonl", "w") if LOGS else None
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        if log:
+            log.write(json.dumps({"t": round(time.monotonic() - start, 2), **event}) + "\n")
+            log.flush()
+        if event.get("event") == "stats":
+            seed_uploaded[0] = event["uploaded"]
+
+
 LOGS: Path | None = None  # --logs: each puller's JSON events, timestamped
 
 
@@ -177,8 +200,9 @@ def main() -> None:
             f"| lower bound {t_min:.1f} s"
         )
         print(
-            f"ratios: gguf-swarm/BitTorrent {last_data / bt:.2f} | gguf-swarm/T_min {last_data / t_min:.2f} "
-            f"| BitTorrent/T_min {bt / t_min:.2f}"
+            f"ratios (command done): gguf-swarm/BitTorrent {last_cmd / bt:.2f} | gguf-swarm/T_min "
+            f"{last_cmd / t_min:.2f} | BitTorrent/T_min {bt / t_min:.2f} | seed upload "
+            f"{seed_uploaded[0] / model.stat().st_size:.2f} copies"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

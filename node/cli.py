@@ -50,10 +50,28 @@ def _print_addrs(args: argparse.Namespace, node: Node) -> None:
 
 
 async def _serve_forever(args: argparse.Namespace, node: Node) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            emit(args, "stopping", event="stopping")
-            return
+    async with trio.open_nursery() as nursery:
+        if args.json:
+            nursery.start_soon(_report_stats, node)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                emit(args, "stopping", event="stopping")
+                nursery.cancel_scope.cancel()
+                return
+
+
+async def _report_stats(node: Node, every: float = 5.0) -> None:
+    """--json: what the node has served so far, every few seconds (for dashboards and benchmarks)."""
+    while True:
+        await trio.sleep(every)
+        swarms = list(node.swarms.values())
+        event = {
+            "event": "stats",
+            "uploaded": node.server.served_bytes + sum(s.stats.bytes_uploaded for s in swarms),
+            "sessions": sum(len(s.links) for s in swarms),
+            "unchoked": sum(1 for s in swarms for link in s.links.values() if not link.session.am_choking),
+        }
+        print(json.dumps(event), flush=True)
 
 
 def _run_node(args: argparse.Namespace, body: Any) -> int:

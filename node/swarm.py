@@ -180,6 +180,8 @@ class ModelSwarm:
         for peer in peers:
             if peer != self.node.peer_id and peer not in self.links:
                 self.known.setdefault(peer, now)
+        if self.picker is not None and not self.complete.is_set():
+            self._dial_known(now)  # now, not at the next tick
 
     def fail(self, error: Exception) -> None:
         if self.failure is None:
@@ -713,7 +715,7 @@ def _first_leaf(e: BaseException) -> BaseException:
 async def _read_some(stream: INetStream) -> bytes:
     from .streams import _read_some as read_some
 
-    return await read_some(stream, 256 * 1024, math.inf)
+    return await read_some(stream, 1 << 20, math.inf)
 
 
 async def _reset(stream: INetStream) -> None:
