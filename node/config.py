@@ -20,7 +20,7 @@ from .server import ServeLimits
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 _KEYS = {
     "node": {"data_dir", "listen", "bootstrap"},
-    "serve": {"upload_slots", "upload_slots_per_peer", "upload_rate", "initial_seeding"},
+    "serve": {"unchoke_slots", "upload_slots", "upload_slots_per_peer", "upload_rate", "initial_seeding"},
     "fetch": {"requests_per_peer", "request_bytes_per_peer"},
 }
 
@@ -57,6 +57,7 @@ def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "co
                 upload_rate=_rate(serve.get("upload_rate")),
                 initial_seeding=_bool(serve.get("initial_seeding", limits.initial_seeding)),
             ),
+            unchoke_slots=_positive(serve.get("unchoke_slots", defaults.unchoke_slots)),
             requests_per_peer=_positive(fetch.get("requests_per_peer", defaults.requests_per_peer)),
             request_bytes_per_peer=_size(fetch.get("request_bytes_per_peer", defaults.request_bytes_per_peer)),
         )

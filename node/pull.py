@@ -39,7 +39,7 @@ Event = dict[str, Any]
 @dataclass
 class PullOptions:
     find_timeout: float = 30.0  # give up when no peer has the model after this long
-    stall_timeout: float = 60.0  # give up when no byte arrives this long
+    stall_timeout: float = 60.0  # give up when no block is verified for this long
     discover_every: float = 30.0  # look for more holders on the DHT at most this rarely
     on_event: Callable[[Event], None] = lambda e: None
 
@@ -132,7 +132,7 @@ async def _wait(swarm: ModelSwarm, opts: PullOptions) -> None:
             raise NodeError(str(swarm.failure))
         if swarm.complete.is_set():
             return
-        received = swarm.stats.bytes_fetched + sum(link.down.total for link in swarm.links.values())
+        received = swarm.stats.bytes_fetched  # verified: bytes that arrive and go nowhere are no progress
         if received != last_bytes:
             last_bytes, last_change = received, time.monotonic()
         elif time.monotonic() - last_change > opts.stall_timeout:
@@ -140,7 +140,7 @@ async def _wait(swarm: ModelSwarm, opts: PullOptions) -> None:
             missing = [e.file_name for e, h in zip(model.manifest.fragments, model.have, strict=True) if not h]
             names = ([] if model.header_present else ["gguf_header.dat"]) + missing
             raise NodeError(
-                f"stalled: nothing arrived for {opts.stall_timeout:.0f} s from {len(swarm.links)} peer(s); "
+                f"stalled: no block verified for {opts.stall_timeout:.0f} s, with {len(swarm.links)} peer(s); "
                 f"{len(names)} file(s) missing, e.g. {', '.join(names[:3])}"
             )
 

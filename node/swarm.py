@@ -80,6 +80,7 @@ MAX_LINKS = 60  # sessions per model
 REQUEST_HORIZON = 0.4  # seconds of a peer's measured rate kept queued on it
 MIN_QUEUE_BYTES = 2 << 20
 MAX_PEER_REQUESTS = 64  # what a session accepts from a peer (ExchangeSession's default)
+HASHES_TIMEOUT = 10.0  # a digest list not sent by then is asked of another peer
 HASH_REQUESTS = 12  # digest lists asked of one peer at once (the peer accepts 16)
 VERIFY_SLOTS = 8  # received blocks held in memory while being checked and written
 STRIKES = 8  # refusals of claimed blocks while unchoked, with nothing delivered, before a peer is dropped
@@ -117,6 +118,7 @@ class PeerLink:
         self.last_request: float | None = None
         self.uploaded_since_unchoke = 0
         self.uploading: int | None = None  # block the writer is reading or sending
+        self.requested_at: dict[int, float] = {}  # our requests on this link -> when sent
         self.strikes = 0
         self.scope = trio.CancelScope()
         self.ready = False  # the peer's Hello arrived
@@ -148,7 +150,7 @@ class ModelSwarm:
         self.seeding: SuperSeeding | None = None
         if self.blocks.complete and node.config.serve.initial_seeding:
             self.seeding = SuperSeeding([self.layout.block_length(b) for b in range(self.layout.total_blocks)])
-        self.hash_asked: dict[int, ID] = {}  # file -> peer asked for its digests
+        self.hash_asked: dict[int, tuple[ID, float]] = {}  # file -> (peer asked for its digests, when)
         self.parked: dict[int, list[tuple[ID, int, bytes]]] = {}  # file -> blocks waiting for its digests
         self.complete = trio.Event()
         if self.blocks.complete:
@@ -222,8 +224,16 @@ class ModelSwarm:
     def _check_stalls(self, now: float) -> None:
         stall = self.node.config.peer_stall_timeout
         for link in list(self.links.values()):
-            if link.session.our_requests and now - link.last_recv > stall:
-                self._drop(link, f"sent nothing for {stall:.0f} s with requests pending")
+            pending = link.session.our_requests
+            for block in [b for b in link.requested_at if b not in pending]:
+                del link.requested_at[block]  # answered
+            if link.requested_at and now - min(link.requested_at.values()) > stall:
+                self._drop(link, f"left a request unanswered for {stall:.0f} s")  # BitTorrent's snubbed peer
+        for file, (peer, asked) in list(self.hash_asked.items()):
+            if peer not in self.links or now - asked > HASHES_TIMEOUT:
+                del self.hash_asked[file]  # ask someone else, at the next need
+                if file in self.parked:
+                    self._ask_hashes_elsewhere(file, exclude=peer)
 
     # ---- dialling and accepting -------------------------------------------
 
@@ -509,9 +519,10 @@ class ModelSwarm:
                 if len(session.our_hash_requests) >= HASH_REQUESTS:
                     picker.rejected(link.peer, block)  # later, once digests asked for arrive
                     break
-                self.hash_asked[file] = link.peer
+                self.hash_asked[file] = (link.peer, now)
                 link.send(HashesRequest(file))
             link.send(RequestBlock(block))
+            link.requested_at[block] = now
             if self.stats.first_request is None:
                 self.stats.first_request = time.monotonic()
             queued += self.layout.block_length(block)
@@ -529,7 +540,7 @@ class ModelSwarm:
 
     def _on_hashes(self, link: PeerLink, event: Hashes) -> None:
         file = event.file
-        if self.hash_asked.get(file) == link.peer:
+        if self.hash_asked.get(file, (None,))[0] == link.peer:
             del self.hash_asked[file]
         if file in self.blocks.digests:
             return
@@ -550,7 +561,7 @@ class ModelSwarm:
             if peer == exclude or not other.ready or len(other.session.our_hash_requests) >= HASH_REQUESTS:
                 continue
             if any(other.session.peer_has(b) for b in blocks):
-                self.hash_asked[file] = peer
+                self.hash_asked[file] = (peer, trio.current_time())
                 other.send(HashesRequest(file))
                 return
 

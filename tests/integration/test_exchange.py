@@ -11,6 +11,7 @@ import trio
 from gguf import GGMLQuantizationType as T
 
 import fragmenter as fr
+import node.swarm as swarm_module
 from node.host import NodeError
 from node.pull import PullOptions, pull_model
 from node.server import ServeLimits
@@ -125,3 +126,25 @@ async def test_a_session_for_an_unknown_model_is_refused_and_the_node_keeps_serv
         model_cid = next(iter(seed.store.models))
         got, _ = await pull_model(client, model_cid, PullOptions(find_timeout=10))
         assert got.complete
+
+
+async def test_digests_a_peer_never_sends_are_asked_of_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swarm_module, "HASHES_TIMEOUT", 1.0)
+    model, folder = big_fragment_model(tmp_path / "a")
+    mute_dir = tmp_path / "mute"
+    (mute_dir / folder.name).mkdir(parents=True)
+    for p in folder.iterdir():
+        (mute_dir / folder.name / p.name).write_bytes(p.read_bytes())
+    async with node_at(tmp_path / "a") as honest, node_at(mute_dir) as mute:
+        model_cid = next(iter(honest.store.models))
+        mute_swarm = await mute.swarm_for(mute.store.models[model_cid])
+
+        async def never_answer(link: object, file: int) -> None:
+            pass  # serves blocks, but keeps every digest list to itself
+
+        mute_swarm._answer_hashes = never_answer  # type: ignore[method-assign]
+        async with node_at(tmp_path / "p", mute.addrs()[:1] + honest.addrs()[:1]) as puller:
+            with trio.fail_after(60):
+                got, _ = await pull_model(puller, model_cid, PullOptions(find_timeout=20))
+    fr.assemble(got.folder, tmp_path / "out.gguf")
+    assert sha256_file(tmp_path / "out.gguf") == sha256_file(model)
