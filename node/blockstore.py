@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ class ModelBlocks:
         self.n = len(self.specs) - 1  # index of the header file
         self.digests: dict[int, bytes] = {}  # file -> verified block digests
         self._partials: dict[int, _Partial] = {}
+        # Blocks are read to serve on several worker threads while one other
+        # completes a file: partial-file state changes only under this lock.
+        self._lock = threading.Lock()
         self.have = bytearray((self.layout.total_blocks + 7) // 8)  # verified blocks, MSB first
         self.have_count = 0
         self.have_bytes = 0
@@ -150,21 +154,25 @@ class ModelBlocks:
             return None
         span = self.layout.span(block)
         k = span.file
-        if self.file_complete(k):
-            if self.specs[k].root is not None and self.file_digests(k) is None:
-                return None
-            if self.specs[k].root is None and not self._whole_file_ok(k):
-                return None
-            try:
-                with open(self.model.folder / self.specs[k].name, "rb") as f:
-                    f.seek(span.offset)
-                    data = f.read(span.length)
-            except OSError:
-                data = b""
-        else:
+        with self._lock:
             partial = self._partials.get(k)
-            data = os.pread(partial.fd, span.length, span.offset) if partial else b""
-            self.partial_reads += 1
+            if partial is not None:
+                data = os.pread(partial.fd, span.length, span.offset)
+                self.partial_reads += 1
+                return data if len(data) == span.length else None
+            complete = self.file_complete(k)
+        if not complete:
+            return None  # dropped meanwhile
+        if self.specs[k].root is not None and self.file_digests(k) is None:
+            return None
+        if self.specs[k].root is None and not self._whole_file_ok(k):
+            return None
+        try:
+            with open(self.model.folder / self.specs[k].name, "rb") as f:
+                f.seek(span.offset)
+                data = f.read(span.length)
+        except OSError:
+            data = b""
         if len(data) != span.length:
             self._drop_file(k)
             return None
@@ -241,7 +249,9 @@ class ModelBlocks:
         partial = self._partials.get(k)
         if partial is None:
             path = self.model.folder / f"{PARTIAL_PREFIX}{spec.name}.{uuid.uuid4().hex[:12]}"
-            partial = self._partials[k] = _Partial(path, spec.size)
+            partial = _Partial(path, spec.size)
+            with self._lock:
+                self._partials[k] = partial
         os.pwrite(partial.fd, data, span.offset)
         self._mark(block)
         partial.blocks_in += 1
@@ -260,18 +270,21 @@ class ModelBlocks:
                 break
             h.update(chunk)
             offset += len(chunk)
-        del self._partials[k]
         if not spec.matches(h.hexdigest()):
+            with self._lock:
+                del self._partials[k]
+                self._unmark_file(k)
             os.close(partial.fd)
             partial.path.unlink(missing_ok=True)
-            self._unmark_file(k)
             raise BadManifest(f"{spec.name}: blocks match the manifest's block_root but not its sha256")
         os.fsync(partial.fd)
-        os.close(partial.fd)
         final = self.model.folder / spec.name
-        os.replace(partial.path, final)
+        os.replace(partial.path, final)  # the descriptor still reads the same file: readers go on meanwhile
         fsync_dir(final.parent)
-        self._set_complete(k, final)
+        with self._lock:
+            self._set_complete(k, final)
+            del self._partials[k]
+            os.close(partial.fd)
 
     def _finish(self, k: int, data: bytes) -> None:
         """A file that is one block: written whole, atomically."""
@@ -292,10 +305,12 @@ class ModelBlocks:
 
     def close(self) -> None:
         """Drop the partial files (a later pull refetches their blocks)."""
-        for partial in self._partials.values():
+        with self._lock:
+            partials = list(self._partials.values())
+            self._partials.clear()
+        for partial in partials:
             try:
                 os.close(partial.fd)
             except OSError:
                 pass
             partial.path.unlink(missing_ok=True)
-        self._partials.clear()

@@ -161,7 +161,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             bar.extra = f" peers {event['peers']}"
             bar(event["done"], event["total"])
         elif event["event"] == "bad_peer":
-            print(f"\nbanned peer {event['peer']}: sent corrupt bytes for {event['fragment']}", file=sys.stderr)
+            print(f"\nbanned peer {event['peer']}: {event.get('reason', 'misbehaved')}", file=sys.stderr)
 
     async def body(node: Node) -> int:
         options = PullOptions(find_timeout=args.timeout, on_event=on_event)

@@ -73,6 +73,7 @@ class Node:
         self._pulls_transferring = 0
         self.announced: set[str] = set()
         self.swarms: dict[str, ModelSwarm] = {}
+        self._swarm_lock = trio.Lock()
         self.banned: set[ID] = set()  # sent bad data or broke the protocol: refused everywhere
         self.nursery: trio.Nursery  # set by open_node; swarms live in it
 
@@ -80,10 +81,15 @@ class Node:
 
     async def swarm_for(self, model: LocalModel) -> ModelSwarm:
         """The running swarm of a model (started on first use)."""
-        swarm = self.swarms.get(model.cid)
-        if swarm is None:
-            swarm = self.swarms[model.cid] = ModelSwarm(self, model)
-            await self.nursery.start(swarm.run)
+        async with self._swarm_lock:  # two callers at once must not see a swarm not yet running
+            swarm = self.swarms.get(model.cid)
+            if swarm is not None and swarm.failure is not None:
+                swarm.stop()  # a pull of it failed: a new pull starts afresh
+                swarm = None
+            if swarm is None:
+                swarm = ModelSwarm(self, model)
+                await self.nursery.start(swarm.run)
+                self.swarms[model.cid] = swarm
         return swarm
 
     async def handle_exchange(self, stream: INetStream) -> None:

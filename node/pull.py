@@ -108,11 +108,15 @@ async def _transfer(node: Node, swarm: ModelSwarm, peers: list[ID], opts: PullOp
                 nursery.start_soon(tokenizer)
             else:
                 swarm.on_file_complete = lambda k: nursery.start_soon(tokenizer) if k == header else None
-            swarm.add_peers(peers)
-            nursery.start_soon(_discover, node, swarm, opts)
-            await _wait(swarm, opts)
-            await tokenizer_done.wait()
-            nursery.cancel_scope.cancel()
+            try:
+                swarm.add_peers(peers)
+                nursery.start_soon(_discover, node, swarm, opts)
+                await _wait(swarm, opts)
+                await tokenizer_done.wait()
+                nursery.cancel_scope.cancel()
+            finally:
+                swarm.on_file_complete = lambda k: None  # this nursery is closing
+                swarm.on_event = lambda e: None
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

@@ -67,6 +67,7 @@ class SuperSeeding:
         batch_bytes: int = 8 << 20,
         alone_after: float = 2.0,
         rng: random.Random | None = None,
+        first: Iterable[int] = (),
     ) -> None:
         self.sizes = list(block_sizes)
         self.alone_after = alone_after
@@ -79,6 +80,10 @@ class SuperSeeding:
         self._owner: dict[int, Peer] = {}  # block in someone's share -> that peer
         self._pool = list(range(len(self.sizes)))  # not out, in no share; shuffled, may hold stale entries
         self.rng.shuffle(self._pool)
+        # `first` is handed out before the rest (popped from the end): the header, which every
+        # puller needs early to build its tokenizer files while the rest arrives.
+        early = [b for b in first if 0 <= b < len(self.sizes)]
+        self._pool = [b for b in self._pool if b not in set(early)] + early[::-1]
         self._in_pool = set(self._pool)
         self._unsent_bytes = sum(self.sizes)  # bytes of blocks not out
 
@@ -132,6 +137,11 @@ class SuperSeeding:
         if not view.wanted and len(view.held) < len(self.sizes):
             new += self._show(view, range(len(self.sizes)))  # the rest is in other shares
         return sorted(new)
+
+    def is_shown(self, peer: Peer, block: int) -> bool:
+        """Has `peer` been shown `block`? (O(1): checked on every request.)"""
+        view = self.peers.get(peer)
+        return view is not None and (view.everything or block in view.shown)
 
     def shown(self, peer: Peer) -> set[int] | None:
         """What `peer` has been shown so far. None means everything."""

@@ -64,6 +64,7 @@ from protocol.session import BlockReceived, ExchangeSession, LocalProtocolError,
 
 from .blockstore import BadManifest, ModelBlocks
 from .choker import Choker, PeerRates
+from .host import PERMANENT_TTL
 from .picker import BlockPicker
 from .rates import RateMeter
 from .seeding import SuperSeeding
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024  # one write; a control frame waits at most this long behind a block
 TICK = 0.25
 MAX_LINKS = 60  # sessions per model
+MAX_DIALS = 8  # session dials in flight at once
+MAX_KNOWN = 500  # peers remembered to dial (peer exchange cannot grow this without bound)
 REQUEST_HORIZON = 0.4  # seconds of a peer's measured rate kept queued on it
 MIN_QUEUE_BYTES = 2 << 20
 MAX_PEER_REQUESTS = 64  # what a session accepts from a peer (ExchangeSession's default)
@@ -126,6 +129,8 @@ class PeerLink:
         self.bytes_out = 0
 
     def send(self, msg: Any) -> None:
+        if self.session.closed:
+            return  # the peer said goodbye (or we did): run_link is tearing the link down
         self.out.append(self.session.send(msg))
         self.wake.set()
 
@@ -149,7 +154,12 @@ class ModelSwarm:
             self.picker.prioritize(self.layout.file_blocks(self.blocks.n))
         self.seeding: SuperSeeding | None = None
         if self.blocks.complete and node.config.serve.initial_seeding:
-            self.seeding = SuperSeeding([self.layout.block_length(b) for b in range(self.layout.total_blocks)])
+            self.seeding = SuperSeeding(
+                [self.layout.block_length(b) for b in range(self.layout.total_blocks)],
+                first=self.layout.file_blocks(self.blocks.n),  # the header: pullers build their tokenizer from it
+            )
+        self._dialing: set[ID] = set()
+        self._dial_failures: dict[ID, int] = {}
         self.hash_asked: dict[int, tuple[ID, float]] = {}  # file -> (peer asked for its digests, when)
         self.parked: dict[int, list[tuple[ID, int, bytes]]] = {}  # file -> blocks waiting for its digests
         self.complete = trio.Event()
@@ -162,12 +172,14 @@ class ModelSwarm:
         self._write_lock = trio.Lock()
         self._last_progress = 0.0
         self._nursery: trio.Nursery
+        self._scope: trio.CancelScope
 
     # ---- running -----------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._scope = nursery.cancel_scope
             task_status.started()
             try:
                 while True:
@@ -176,6 +188,17 @@ class ModelSwarm:
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.blocks.close)
+
+    def stop(self) -> None:
+        """End every session and task of this swarm."""
+        self._scope.cancel()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """An event for the caller's callback, which must never take the swarm down."""
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("event callback failed on %r", event)
 
     def add_peers(self, peers: list[ID]) -> None:
         now = trio.current_time()
@@ -208,7 +231,7 @@ class ModelSwarm:
 
     def _progress(self, now: float) -> None:
         self._last_progress = now
-        self.on_event(
+        self.emit(
             {
                 "event": "progress",
                 "done": self.blocks.have_bytes,
@@ -234,16 +257,23 @@ class ModelSwarm:
                 del self.hash_asked[file]  # ask someone else, at the next need
                 if file in self.parked:
                     self._ask_hashes_elsewhere(file, exclude=peer)
+        for file in list(self.parked):
+            if file not in self.hash_asked:
+                self._ask_hashes_elsewhere(file, exclude=None)
+        for peer, until in list(self.dropped.items()):
+            if until < now:
+                del self.dropped[peer]
 
     # ---- dialling and accepting -------------------------------------------
 
     def _dial_known(self, now: float) -> None:
         for peer, not_before in list(self.known.items()):
-            if len(self.links) >= MAX_LINKS:
+            if len(self.links) + len(self._dialing) >= MAX_LINKS or len(self._dialing) >= MAX_DIALS:
                 return
             if peer in self.links or peer in self.banned or self.dropped.get(peer, 0) > now or not_before > now:
                 continue
             self.known[peer] = now + 30.0  # next attempt, if this one fails
+            self._dialing.add(peer)
             self._nursery.start_soon(self._dial, peer)
 
     async def _dial(self, peer: ID) -> None:
@@ -252,7 +282,13 @@ class ModelSwarm:
                 stream = await self.node.host.new_stream(peer, [EXCHANGE_PROTOCOL_ID])
         except Exception as e:
             log.info("cannot open a session with %s: %r", peer, e)
+            self._dial_failures[peer] = failures = self._dial_failures.get(peer, 0) + 1
+            if failures >= 3:
+                self.known.pop(peer, None)  # gone, or never there: a PEX entry costs nothing more
             return
+        finally:
+            self._dialing.discard(peer)
+        self._dial_failures.pop(peer, None)
         self.known.pop(peer, None)
         await self.run_link(stream, initiator=True)
 
@@ -298,6 +334,11 @@ class ModelSwarm:
                     self.picker.remove_peer(peer)
                 if self.seeding is not None:
                     self.seeding.leave(peer)
+                if self.picker is not None and not self.complete.is_set():
+                    self.known.setdefault(peer, trio.current_time() + 2.0)  # redial, unless dropped or banned
+            elif self.picker is not None:  # replaced by a newer session: its requests will never be answered
+                for block in list(link.session.our_requests):
+                    self.picker.rejected(peer, block)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await _reset(stream)
 
@@ -339,6 +380,7 @@ class ModelSwarm:
                     link.send(RejectBlock(block))
                 continue
             view = memoryview(data)
+            aborted = False
             for offset in range(0, max(len(data), 1), CHUNK):
                 if link.out:  # control frames produced meanwhile go first
                     pending = b"".join(link.out)
@@ -346,6 +388,9 @@ class ModelSwarm:
                     await self._write(link, pending)
                 chunk = view[offset : offset + CHUNK]
                 await self.node.throttle(len(chunk))
+                if session.closed or session.peer_requests.get(block) != offset:
+                    aborted = True  # a Choke rejected it while we read it or waited for the rate limit
+                    break
                 frame = session.send_chunk(block, offset, chunk)
                 await self._write(link, frame)
                 now = trio.current_time()
@@ -353,7 +398,7 @@ class ModelSwarm:
                 link.uploaded_since_unchoke += len(chunk)
                 self.stats.bytes_uploaded += len(chunk)
             link.uploading = None
-            if self.seeding is not None:
+            if not aborted and self.seeding is not None:
                 now = trio.current_time()
                 self.seeding.sent(link.peer, block, now)
                 self._reveal(link, now)
@@ -380,6 +425,8 @@ class ModelSwarm:
                     self._nursery.start_soon(self._store_block, link, event.block, event.data)
                 else:
                     self._on_event(link, event)
+            if session.closed:
+                return  # an Error frame from the peer: nothing more will be parsed
             data = await _read_some(link.stream)
             link.bytes_in += len(data)
             link.last_recv = trio.current_time()
@@ -407,7 +454,8 @@ class ModelSwarm:
         elif isinstance(event, RejectBlock):
             if self.picker is not None:
                 self.picker.rejected(link.peer, event.block)
-            if not session.peer_choking and session.peer_has(event.block):
+            answered_cancel = self.picker is None or self.picker.have_block(event.block)
+            if not session.peer_choking and session.peer_has(event.block) and not answered_cancel:
                 link.strikes += 1
                 if link.strikes >= STRIKES:
                     self._drop(link, f"refused {link.strikes} blocks it claims to hold")
@@ -431,10 +479,7 @@ class ModelSwarm:
     def _may_serve(self, link: PeerLink, block: int) -> bool:
         if not self.blocks.has_block(block):
             return False
-        if self.seeding is not None:
-            shown = self.seeding.shown(link.peer)
-            return shown is None or block in shown
-        return True
+        return self.seeding is None or self.seeding.is_shown(link.peer, block)
 
     # ---- haves -----------------------------------------------------------------
 
@@ -504,6 +549,8 @@ class ModelSwarm:
         picker = self.picker
         if picker is None or self.complete.is_set() or session.peer_choking or not session.am_interested:
             return
+        if self.links.get(link.peer) is not link or session.closed:
+            return
         now = trio.current_time()
         config = self.node.config
         target_bytes = min(max(MIN_QUEUE_BYTES, link.down.rate(now) * REQUEST_HORIZON), config.request_bytes_per_peer)
@@ -516,7 +563,7 @@ class ModelSwarm:
             block = picks[0]
             file = self.layout.file_of(block)
             if self.blocks.needs_digests(file) and file not in self.hash_asked:
-                if len(session.our_hash_requests) >= HASH_REQUESTS:
+                if sum(session.our_hash_requests.values()) >= HASH_REQUESTS:
                     picker.rejected(link.peer, block)  # later, once digests asked for arrive
                     break
                 self.hash_asked[file] = (link.peer, now)
@@ -536,7 +583,10 @@ class ModelSwarm:
             digests = await trio.to_thread.run_sync(self.blocks.file_digests, file)
         if link.session.closed or self.links.get(link.peer) is not link:
             return
-        link.send(Hashes(file, digests or b""))
+        try:
+            link.send(Hashes(file, digests or b""))
+        except LocalProtocolError:  # over one frame (a file of > 2,000 blocks): say we have none
+            link.send(Hashes(file, b""))
 
     def _on_hashes(self, link: PeerLink, event: Hashes) -> None:
         file = event.file
@@ -558,7 +608,8 @@ class ModelSwarm:
     def _ask_hashes_elsewhere(self, file: int, exclude: ID | None) -> None:
         blocks = self.layout.file_blocks(file)
         for peer, other in self.links.items():
-            if peer == exclude or not other.ready or len(other.session.our_hash_requests) >= HASH_REQUESTS:
+            pending = other.session.our_hash_requests
+            if peer == exclude or not other.ready or sum(pending.values()) >= HASH_REQUESTS or file in pending:
                 continue
             if any(other.session.peer_has(b) for b in blocks):
                 self.hash_asked[file] = (peer, trio.current_time())
@@ -566,9 +617,8 @@ class ModelSwarm:
                 return
 
     async def _store_parked(self, peer: ID, block: int, data: bytes) -> None:
-        link = self.links.get(peer)
         await self._verify_slots.acquire()
-        await self._store_block(link, block, data, peer)
+        await self._store_block(None, block, data, peer)  # its bytes were counted when they arrived
 
     # ---- received blocks ---------------------------------------------------------
 
@@ -593,6 +643,9 @@ class ModelSwarm:
                 return
             async with self._write_lock:
                 if self.blocks.has_block(block):
+                    return
+                if self.blocks.needs_digests(file):  # dropped meanwhile (the file went bad on disk)
+                    self.parked.setdefault(file, []).append((peer, block, data))
                     return
                 ok = await trio.to_thread.run_sync(self.blocks.check_block, block, data)
                 if not ok:
@@ -625,7 +678,10 @@ class ModelSwarm:
             file = self.layout.file_of(block)
             if file < len(self.model.have):
                 self.node.announce_fragment(self.model.fragment_cids[file])
-            self.on_file_complete(file)
+            try:
+                self.on_file_complete(file)
+            except Exception:
+                log.exception("file-complete callback failed")
         if picker.done:
             self._finished()
 
@@ -673,11 +729,11 @@ class ModelSwarm:
         for peer, other in self.links.items():
             if peer == link.peer or not other.ready:
                 continue
-            for a in store.addrs(peer)[:2]:
+            for a in _addrs_of(store, peer)[:2]:
                 addrs.append(f"{a}/p2p/{peer}")
         if addrs:
             link.send(PeerExchange(tuple(a for a in addrs if len(a) <= 300)[:MAX_PEX]))
-        mine = [f"{a}/p2p/{link.peer}" for a in store.addrs(link.peer)[:2]]
+        mine = [f"{a}/p2p/{link.peer}" for a in _addrs_of(store, link.peer)[:2]]
         mine = [a for a in mine if len(a) <= 300]
         if mine:
             for peer, other in self.links.items():
@@ -694,8 +750,8 @@ class ModelSwarm:
             if info.peer_id == self.node.peer_id:
                 continue
             if info.peer_id == link.peer:
-                store.add_addrs(info.peer_id, info.addrs, 3600)  # its own listen addresses
-            elif self.picker is not None and info.peer_id not in self.links:
+                store.add_addrs(info.peer_id, info.addrs, PERMANENT_TTL)  # its own listen addresses
+            elif self.picker is not None and info.peer_id not in self.links and len(self.known) < MAX_KNOWN:
                 store.add_addrs(info.peer_id, info.addrs, 3600)
                 self.known.setdefault(info.peer_id, trio.current_time())
 
@@ -705,7 +761,7 @@ class ModelSwarm:
         log.warning("banning peer %s: %s", peer, why)
         self.banned.add(peer)
         self.stats.bad_peers.add(str(peer))
-        self.on_event({"event": "bad_peer", "peer": str(peer), "reason": why})
+        self.emit({"event": "bad_peer", "peer": str(peer), "reason": why})
         link = self.links.get(peer)
         if link is not None:
             link.scope.cancel()
@@ -715,6 +771,14 @@ class ModelSwarm:
         log.info("dropping peer %s: %s", link.peer, why)
         self.dropped[link.peer] = trio.current_time() + DROP_FOR
         link.scope.cancel()
+
+
+def _addrs_of(store: Any, peer: ID) -> list[Any]:
+    """A peer's known addresses; py-libp2p raises once a record has expired."""
+    try:
+        return list(store.addrs(peer))
+    except Exception:
+        return []
 
 
 def _first_leaf(e: BaseException) -> BaseException:

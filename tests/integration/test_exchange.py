@@ -16,8 +16,8 @@ from node.host import NodeError
 from node.pull import PullOptions, pull_model
 from node.server import ServeLimits
 from node.swarm import STRIKES, ModelSwarm
-from protocol import Error
-from protocol.exchange import EXCHANGE_PROTOCOL_ID, Hello, decode_exchange_body, encode_exchange
+from protocol import Error, ErrorCode
+from protocol.exchange import EXCHANGE_PROTOCOL_ID, Hello, Interested, decode_exchange_body, encode_exchange
 from tests.conftest import sha256_file
 from tests.gguf_factory import write_model
 from tests.integration.test_swarm import model_folder, node_at
@@ -148,3 +148,24 @@ async def test_digests_a_peer_never_sends_are_asked_of_another(tmp_path: Path, m
                 got, _ = await pull_model(puller, model_cid, PullOptions(find_timeout=20))
     fr.assemble(got.folder, tmp_path / "out.gguf")
     assert sha256_file(tmp_path / "out.gguf") == sha256_file(model)
+
+
+async def test_a_peer_that_says_goodbye_but_keeps_the_stream_open_is_let_go(tmp_path: Path) -> None:
+    model_folder(tmp_path / "seed")
+    async with node_at(tmp_path / "seed") as seed, node_at(tmp_path / "evil", seed.addrs()[:1]) as evil:
+        model_cid = next(iter(seed.store.models))
+        layout_blocks = (await seed.swarm_for(seed.store.models[model_cid])).layout.total_blocks
+        stream = await evil.host.new_stream(seed.peer_id, [EXCHANGE_PROTOCOL_ID])
+        await stream.write(
+            encode_exchange(Hello(model_cid, layout_blocks))
+            + encode_exchange(Interested())
+            + encode_exchange(Error(ErrorCode.INTERNAL, "bye"))
+        )  # ... and the stream stays open: nothing may be sent on that session again
+        with trio.fail_after(5):  # the seed ends the session (it reads its Hello and haves first)
+            with pytest.raises(Exception):  # noqa: B017 (libp2p raises one of several kinds on a reset stream)
+                while True:
+                    await stream.read(65536)
+        assert evil.peer_id not in seed.swarms[model_cid].links
+        async with node_at(tmp_path / "p", seed.addrs()[:1]) as puller:
+            got, _ = await pull_model(puller, model_cid, PullOptions(find_timeout=10))
+        assert got.complete

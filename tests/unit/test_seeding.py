@@ -236,3 +236,12 @@ def test_in_a_small_swarm_each_block_leaves_the_seed_about_once() -> None:
 def test_a_puller_that_leaves_mid_way_costs_little() -> None:
     ratios = [swarm(seed, leaves=30) for seed in range(4)]
     assert max(ratios) <= 1.1, ratios
+
+
+def test_blocks_named_first_are_handed_out_first() -> None:
+    s = SuperSeeding([1] * 12, batch_bytes=2, alone_after=0.0, rng=random.Random(5), first=[9, 10, 11])
+    s.join("a", 0.0)
+    s.join("b", 0.0)
+    a, b = set(s.reveal("a", 0.0)), set(s.reveal("b", 0.0))
+    assert {9, 10, 11} <= a | b  # the first shares hold the header's blocks
+    s.check_invariants()
