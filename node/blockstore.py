@@ -236,6 +236,12 @@ class ModelBlocks:
         j = block - self.layout.first[span.file]
         return hashlib.sha256(data).digest() == digests[j * DIGEST_SIZE : (j + 1) * DIGEST_SIZE]
 
+    def check_and_write(self, block: int, data: bytes) -> bool | None:
+        """`check_block`, then `write_block`: None when the data is wrong."""
+        if not self.check_block(block, data):
+            return None
+        return self.write_block(block, data)
+
     def write_block(self, block: int, data: bytes) -> bool:
         """Store a checked block; True when it completed its file (then renamed into place)."""
         span = self.layout.span(block)

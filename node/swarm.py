@@ -647,12 +647,12 @@ class ModelSwarm:
                 if self.blocks.needs_digests(file):  # dropped meanwhile (the file went bad on disk)
                     self.parked.setdefault(file, []).append((peer, block, data))
                     return
-                ok = await trio.to_thread.run_sync(self.blocks.check_block, block, data)
-                if not ok:
+                # One hop to a worker thread per block (handing work to threads showed up in profiles).
+                completed = await trio.to_thread.run_sync(self.blocks.check_and_write, block, data)
+                if completed is None:
                     picker.rejected(peer, block)
                     self._ban(peer, f"sent block {block} that does not match its digest")
                     return
-                completed = await trio.to_thread.run_sync(self.blocks.write_block, block, data)
             self._verified(peer, block, len(data), completed)
         except (BadManifest, OSError) as e:
             self.fail(SwarmFailed(f"cannot store {self.model.folder}: {e}"))
