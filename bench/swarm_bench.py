@@ -23,7 +23,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,8 +102,9 @@ from_peers: dict[int, dict[str, int]] = {}  # puller -> bytes it got from each p
 seed_uploaded: list[int] = [0]  # bytes the seed has sent, by its own count (stats events every 5 s)
 
 
-def _watch_seed(proc: subprocess.Popen[str], start: float) -> None:
-    log = open(LOGS / "seed.jsonl", "w") if LOGS else None
+def _events(proc: subprocess.Popen[str], name: str, start: float) -> Iterator[dict[str, Any]]:
+    """A node's --json events as they come, kept timestamped in LOGS/NAME.jsonl (--logs)."""
+    log = open(LOGS / f"{name}.jsonl", "w") if LOGS else None
     for line in proc.stdout:  # type: ignore[union-attr]
         if not line.startswith("{"):
             continue
@@ -109,6 +112,11 @@ def _watch_seed(proc: subprocess.Popen[str], start: float) -> None:
         if log:
             log.write(json.dumps({"t": round(time.monotonic() - start, 2), **event}) + "\n")
             log.flush()
+        yield event
+
+
+def _watch_seed(proc: subprocess.Popen[str], start: float) -> None:
+    for event in _events(proc, "seed", start):
         if event.get("event") == "stats":
             seed_uploaded[0] = event["uploaded"]
 
@@ -117,13 +125,7 @@ LOGS: Path | None = None  # --logs: each puller's JSON events, timestamped
 
 
 def _watch(proc: subprocess.Popen[str], k: int, start: float, data: list[float], cmd: list[float]) -> None:
-    log = open(LOGS / f"puller-{k + 1}.jsonl", "w") if LOGS else None
-    for line in proc.stdout:  # type: ignore[union-attr]
-        if not line.startswith("{"):
-            continue
-        event = json.loads(line)
-        if log:
-            log.write(json.dumps({"t": round(time.monotonic() - start, 2), **event}) + "\n")
+    for event in _events(proc, f"puller-{k + 1}", start):
         if event.get("event") == "progress" and event["fragments_done"] == event["fragments"]:
             data[k] = min(data[k], time.monotonic() - start)
         if event.get("event") == "pulled":

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-from .framing import MAX_FRAME
+from .framing import MAX_FRAME, unpack_body
 from .messages import Error, ErrorCode, ProtocolError, _cid, _count, _field
 
 EXCHANGE_PROTOCOL_ID = "/gguf-swarm/2.0.0"
@@ -186,11 +186,7 @@ def encode_chunk_header(block: int, offset: int, size: int) -> bytes:
 
 def decode_exchange_body(body: bytes) -> ExchangeMessage:
     """The message in the body of one frame (its length prefix stripped)."""
-    try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises many kinds for garbage
-        raise ProtocolError(f"frame is not valid msgpack ({type(e).__name__})") from None
-    return decode_exchange(obj)
+    return decode_exchange(unpack_body(body))
 
 
 _KNOWN_FIELDS = {

@@ -9,6 +9,7 @@ follows the body (the next answer on a pipelined stream) stays buffered.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import msgpack
 
@@ -25,12 +26,16 @@ def encode_frame(msg: Message) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> Message:
+def unpack_body(body: bytes) -> Any:
+    """The msgpack object in one frame's body (v1 and v2 frames alike); ProtocolError for garbage."""
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises many kinds for garbage
         raise ProtocolError(f"frame is not valid msgpack ({type(e).__name__})") from None
-    return from_wire(obj)
+
+
+def decode_body(body: bytes) -> Message:
+    return from_wire(unpack_body(body))
 
 
 class FrameDecoder:
