@@ -226,7 +226,7 @@ class ModelSwarm:
             if link.ready:
                 self._update_interest(link)
                 self._fill(link)
-        if now - self._last_progress >= 0.5:
+        if self.picker is not None and now - self._last_progress >= 0.5:  # while pulling
             self._progress(now)
 
     def _progress(self, now: float) -> None:
@@ -347,9 +347,9 @@ class ModelSwarm:
             self._ban(peer, f"broke the protocol: {e}")
         elif isinstance(e, LocalProtocolError):
             log.error("our own protocol bug in the session with %s", peer, exc_info=e)
-        elif isinstance(e, BadManifest | OSError):
+        elif isinstance(e, BadManifest):
             self.fail(SwarmFailed(str(e)))
-        else:  # the peer went away: StreamClosed, TooSlowError, or one of libp2p's many kinds
+        else:  # the peer went away: StreamClosed, TooSlowError, a reset socket, or one of libp2p's many kinds
             log.info("session with %s ended: %r", peer, e)
 
     def _send_own_addrs(self, link: PeerLink) -> None:
