@@ -68,6 +68,10 @@ def test_seed_and_two_pullers_on_gemma(gemma_folder: Path, tmp_path: Path) -> No
             done = [e for e in events(proc) if e["event"] == "pulled"][0]
             assert done["bytes"] == cid.total_bytes + cid.header_size  # every block, the header's included
             assert sha256_file(out) == GEMMA_SHA256
+            # The tokenizer files, built from the header during the transfer, are the seed's to the byte.
+            for tokenizer in ("tokenizer.json", "tokenizer.model"):
+                pulled = tmp_path / name / model_cid / tokenizer
+                assert sha256_file(pulled) == sha256_file(gemma_folder / tokenizer), tokenizer
 
 
 def test_puller_killed_and_restarted_resumes(tmp_path: Path) -> None:
