@@ -168,15 +168,39 @@ def encode_extra(extra: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
 # ---- reading ----------------------------------------------------------------
 
 
+MAX_MANIFEST_BYTES = 128 << 20  # a 40,000-fragment manifest is ~30 MB
+MAX_NUMBER = 1 << 50  # no size or offset beyond 1 PiB, whatever a manifest says
+MAX_ID_CHARS = 200
+_RESERVED = {HEADER_NAME.lower(), MANIFEST_NAME.lower(), "tokenizer.json", "tokenizer.model"}
+
+
+def load_manifest_json(data: bytes, where: str = "manifest") -> Any:
+    """Untrusted manifest bytes -> JSON, or one clear ManifestError: bounded in
+    size, no NaN or Infinity, no nesting deep enough to exhaust the stack.
+    The gate every manifest passes, from a peer or from the data dir."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{where}: manifest of {len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte cap")
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a number a manifest may hold")
+
+    try:
+        return json.loads(data, parse_constant=no_constant)
+    except RecursionError:
+        raise ManifestError(f"{where}: manifest nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{where}: not valid JSON ({str(e)[:200]})") from None
+
+
 def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST_NAME
     try:
-        raw = json.loads(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest.json in this folder") from None
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"{path}: unreadable manifest ({e})") from None
-    return parse_manifest(raw, str(path))
+    except OSError as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e.strerror or e})") from None
+    return parse_manifest(load_manifest_json(data, str(path)), str(path))
 
 
 def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
@@ -190,23 +214,29 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
         raise ManifestError(f"{where}: no model_name")
     try:
         fragments = [_parse_fragment(f, ours, chunk) for f in raw["fragments"]]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed fragment entry ({e})") from None
     ids = [f.fragment_id for f in fragments]
     if len(set(ids)) != len(ids):
         raise ManifestError(f"{where}: duplicate fragment ids")
     fragments.sort(key=lambda f: (f.file_offset, f.shard_index))
     try:
-        header_size = int(raw["header_size"])
+        header_size = _number(raw.get("header_size"), "header_size")
         extra = [
-            (int(e["file_offset"]), base64.b64decode(e["base64"], validate=True)) for e in raw.get("extra_bytes", [])
+            (_number(e["file_offset"], "extra_bytes offset"), base64.b64decode(e["base64"], validate=True))
+            for e in raw.get("extra_bytes", [])
         ]
-    except (KeyError, TypeError, ValueError) as e:
+        if ours:
+            for key in ("file_size", "file_sha256", "alignment"):
+                if key not in raw:
+                    raise ValueError(f"missing {key}")
+            _number(raw["file_size"], "file_size")
+            _hex(raw["file_sha256"], 64, "file_sha256")
+            if not 1 <= _number(raw["alignment"], "alignment") <= 1 << 24:
+                raise ValueError("alignment out of range")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed manifest ({e})") from None
-    if ours:
-        for key in ("file_size", "file_sha256", "alignment"):
-            if key not in raw:
-                raise ManifestError(f"{where}: missing {key}")
+    _check_layout(raw, fragments, header_size, extra, ours, where)
     block_size, header_block_root = _parse_blocks(raw, fragments, where)
     return Manifest(
         raw=raw,
@@ -259,16 +289,69 @@ def _hex(value: Any, length: int, name: str) -> str:
     return value
 
 
+def _number(value: Any, name: str) -> int:
+    """A whole number from 0 to MAX_NUMBER: not a float, a string or a bool."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NUMBER:
+        raise ValueError(f"{name} is not a whole number from 0 to {MAX_NUMBER}: {str(value)[:40]!r}")
+    return value
+
+
+def _safe_id(fid: Any) -> str:
+    """A fragment id that names a file inside the folder and nothing else."""
+    if not isinstance(fid, str) or not 0 < len(fid) <= MAX_ID_CHARS:
+        raise ValueError(f"bad fragment_id {str(fid)[:60]!r}")
+    if fid.startswith(".") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in fid):
+        raise ValueError(f"fragment_id {fid[:60]!r} is not a safe file name")
+    if (fid + ".dat").lower() in _RESERVED:
+        raise ValueError(f"fragment_id {fid!r} would overwrite {fid}.dat, a name the folder reserves")
+    return fid
+
+
+def _check_layout(
+    raw: dict[str, Any],
+    fragments: list[FragmentEntry],
+    header_size: int,
+    extra: list[tuple[int, bytes]],
+    ours: bool,
+    where: str,
+) -> None:
+    """Fragments follow the header without overlapping; in our manifests they
+    end within file_size, and file_size leaves no more room than alignment
+    padding (and the bytes kept in extra_bytes): assembly re-creates the gaps
+    as zeros, so an inflated file_size must not turn a small download into a
+    huge file."""
+    pos = header_size
+    gaps = 0
+    for f in fragments:  # sorted by file_offset
+        if f.file_offset < pos:
+            raise ManifestError(f"{where}: fragment {f.fragment_id} overlaps the header or the fragment before it")
+        gaps += f.file_offset - pos
+        pos = f.file_offset + f.size
+    if not ours:
+        return
+    file_size = raw["file_size"]
+    if pos > file_size:
+        raise ManifestError(f"{where}: fragments run past file_size ({pos} > {file_size})")
+    gaps += file_size - pos
+    kept = sum(len(data) for _, data in extra)
+    if any(off + len(data) > file_size for off, data in extra):
+        raise ManifestError(f"{where}: extra_bytes past file_size")
+    padding = raw["alignment"] * (len(fragments) + 1)
+    if gaps - kept > padding:
+        raise ManifestError(
+            f"{where}: file_size leaves {gaps - kept} bytes of zeros outside the fragments "
+            f"(at most {padding} of alignment padding)"
+        )
+
+
 def _parse_fragment(f: dict[str, Any], ours: bool, chunk: Any) -> FragmentEntry:
-    fid = f["fragment_id"]
-    if not isinstance(fid, str) or "/" in fid or "\\" in fid or fid.startswith("."):
-        raise ValueError(f"bad fragment_id {fid!r}")
-    shard = int(f["shard_index"])
-    size = int(f["size_bytes"])
-    data_offset = int(f["data_offset"])
+    fid = _safe_id(f["fragment_id"])
+    shard = _number(f["shard_index"], "shard_index")
+    size = _number(f["size_bytes"], "size_bytes")
+    data_offset = _number(f["data_offset"], "data_offset")
     if "file_offset" in f:
-        file_offset = int(f["file_offset"])
-    elif isinstance(chunk, int) and chunk > 0:
+        file_offset = _number(f["file_offset"], "file_offset")
+    elif isinstance(chunk, int) and not isinstance(chunk, bool) and 0 < chunk <= MAX_NUMBER:
         file_offset = data_offset + shard * chunk  # the existing tool cuts at fixed chunks
     else:
         raise ValueError(f"{fid}: no file_offset and no chunk_size")
@@ -281,9 +364,9 @@ def _parse_fragment(f: dict[str, Any], ours: bool, chunk: Any) -> FragmentEntry:
         fragment_id=fid,
         tensor_name=str(f.get("tensor_name", "")),
         tensor_type=str(f.get("tensor_type", "")),
-        shape=tuple(int(d) for d in f.get("shape", ())),
+        shape=tuple(_number(d, "shape") for d in f.get("shape", ())),
         shard_index=shard,
-        total_shards=int(f.get("total_shards", 1)),
+        total_shards=_number(f.get("total_shards", 1), "total_shards"),
         size=size,
         file_offset=file_offset,
         data_offset=data_offset,

@@ -10,7 +10,6 @@ in bounded reads) but never modified, so an upgraded folder gains block roots.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from .errors import FragmentError, ManifestError
 from .folder import READ_SIZE
 from .fsio import open_staging_file
 from .gguf_header import TensorInfo, align, parse_header
-from .manifest import HEADER_NAME, MANIFEST_NAME, build_manifest, fragment_entry, serialize
+from .manifest import HEADER_NAME, MANIFEST_NAME, build_manifest, fragment_entry, load_manifest_json, serialize
 from .naming import FRAGMENT_FILE, tensor_role
 from .plan import ShardPlan
 
@@ -109,9 +108,9 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
 
 def _old_manifest(path: Path) -> dict[str, Any]:
     try:
-        raw = json.loads((path / MANIFEST_NAME).read_bytes())
-    except (OSError, ValueError):
-        return {}
+        raw = load_manifest_json((path / MANIFEST_NAME).read_bytes(), str(path / MANIFEST_NAME))
+    except (OSError, ManifestError):
+        return {}  # rebuilt from the files alone
     return raw if isinstance(raw, dict) else {}
 
 

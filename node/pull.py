@@ -9,7 +9,6 @@ are fetched again.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -21,8 +20,8 @@ import trio
 from libp2p.peer.id import ID
 
 from fragmenter import FragmenterError, parse_manifest
+from fragmenter.manifest import MAX_MANIFEST_BYTES, load_manifest_json
 from protocol import HaveRequest, ManifestRequest, cid_of
-from protocol.messages import MAX_FRAGMENT_BYTES
 
 from .client import request_body, request_have
 from .host import NodeError
@@ -204,7 +203,7 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
     for peer in peers:
         try:
             with trio.fail_after(60):
-                data = await request_body(node.host, peer, ManifestRequest(model_cid), MAX_FRAGMENT_BYTES)
+                data = await request_body(node.host, peer, ManifestRequest(model_cid), MAX_MANIFEST_BYTES)
         except Exception as e:
             log.info("manifest from %s failed: %r", peer, e)
             continue
@@ -212,8 +211,8 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
             log.warning("peer %s sent a manifest that does not match %s", peer, model_cid)
             continue
         try:
-            manifest = parse_manifest(json.loads(data), "manifest from peer")
-        except (FragmenterError, ValueError) as e:
+            manifest = parse_manifest(load_manifest_json(data, "manifest from peer"), "manifest from peer")
+        except FragmenterError as e:
             raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
         if manifest.raw.get("header_sha256") is None:
             raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")

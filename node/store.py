@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.fsio import fsync_dir
-from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME
+from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
 from protocol.cid import cid_from_hex, cid_of, digest_of_cid
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Store:
 
     def _add_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
         raw = (folder / MANIFEST_NAME).read_bytes()
-        manifest = parse_manifest(json.loads(raw), str(folder / MANIFEST_NAME))
+        manifest = parse_manifest(load_manifest_json(raw, str(folder / MANIFEST_NAME)), str(folder / MANIFEST_NAME))
         cids: list[str] = []
         have: list[bool] = []
         for entry in manifest.fragments:
