@@ -10,8 +10,10 @@ import argparse
 import json
 import mmap
 import re
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,32 @@ def parse_size(text: str) -> int:
     return n
 
 
+MIN_CHUNK_SIZE = 4 << 10  # a 400 GB model in 8 KiB chunks is 50 M files already
+MAX_CHUNK_SIZE = 1 << 30  # a fragment's block digests must fit one protocol frame
+
+
+def parse_chunk_size(text: str) -> int:
+    n = parse_size(text)
+    if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"chunk size must be from 4KiB to 1GiB, not {text}")
+    return n
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the work the way Ctrl-C does: staging folders are cleaned
+    up on the way out, instead of left behind by an abrupt exit."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def emit(args: argparse.Namespace, text: str, **fields: Any) -> None:
     """One human line, or one JSON object with --json."""
     if getattr(args, "json", False):
@@ -68,7 +96,8 @@ def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar | None:
 
 def cmd_fragment(args: argparse.Namespace) -> int:
     bar = progress_bar(args, "fragment")
-    result = fragment_model(Path(args.model), Path(args.output), args.chunk_size, args.force, bar)
+    with sigterm_as_interrupt():
+        result = fragment_model(Path(args.model), Path(args.output), args.chunk_size, args.force, bar)
     if bar:
         bar.close()
     speed = result.file_size / max(result.seconds, 1e-9)
@@ -199,7 +228,9 @@ def add_fragmenter_commands(sub: Any) -> None:
 def add_fragment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the GGUF file")
     p.add_argument("--output", "-o", required=True, help="folder to write (must not exist or be empty)")
-    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, help="fragment size (default 10MiB)")
+    p.add_argument(
+        "--chunk-size", type=parse_chunk_size, default=DEFAULT_CHUNK_SIZE, help="fragment size (default 10MiB)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_fragment)

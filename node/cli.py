@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -17,7 +18,15 @@ from typing import Any
 import trio
 
 from fragmenter import FragmenterError, assemble, fragment_model
-from fragmenter.cli import add_fragmenter_commands, emit, parse_size, progress_bar, run
+from fragmenter.cli import (
+    add_fragmenter_commands,
+    emit,
+    parse_chunk_size,
+    parse_size,
+    progress_bar,
+    run,
+    sigterm_as_interrupt,
+)
 from fragmenter.progress import human_bytes
 from protocol import is_cid
 
@@ -34,6 +43,16 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     if args.upload_rate is not None:
         config.serve.upload_rate = args.upload_rate or None
     return config
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"seconds must be a positive finite number, not {text!r}")
+    return value
 
 
 def _rate(text: str) -> int:
@@ -134,7 +153,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     model = Path(args.model)
     folder = data_dir / model.stem
     bar = progress_bar(args, "fragment")
-    result = fragment_model(model, folder, args.chunk_size, args.force, bar)
+    with sigterm_as_interrupt():
+        result = fragment_model(model, folder, args.chunk_size, args.force, bar)
     if bar:
         bar.close()
     emit(
@@ -252,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_seed)
     p = sub.add_parser("publish", help="fragment a GGUF into the data dir, then seed")
     p.add_argument("model")
-    p.add_argument("--chunk-size", type=parse_size, default=10 * 1024 * 1024)
+    p.add_argument("--chunk-size", type=parse_chunk_size, default=10 * 1024 * 1024)
     p.add_argument("--force", action="store_true", help="replace an existing fragment folder")
     _node_arguments(p)
     p.set_defaults(func=cmd_publish)
     p = sub.add_parser("pull", help="fetch a model by CID from the swarm, every fragment verified")
     p.add_argument("model_cid")
     p.add_argument("--output", "-o", help="also assemble the GGUF here (checked against file_sha256)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to look for peers (default 30)")
+    p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to look for peers (default 30)")
     p.add_argument("--seed", action="store_true", help="keep serving after the pull")
     _node_arguments(p)
     p.set_defaults(func=cmd_pull)

@@ -129,11 +129,12 @@ class FragmentServer:
             else:
                 await self._send_body(stream, model.manifest_bytes)
         elif isinstance(request, HaveRequest):
-            self._remember_asker(request.model_cid, stream.muxed_conn.peer_id)
             model = self.store.models.get(request.model_cid)
             if model is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
+                # Remembered only for models held here: asking about random CIDs must cost us nothing.
+                self._remember_asker(request.model_cid, stream.muxed_conn.peer_id)
                 have = model.have
                 await self._write(stream, encode_frame(Have(len(have), encode_bitfield(have))))
         elif isinstance(request, FragmentRequest):

@@ -3,12 +3,15 @@ nothing left that looks complete."""
 
 from __future__ import annotations
 
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from gguf import GGMLQuantizationType as T
 
 from tests.gguf_factory import MIXED, write_model
 
@@ -79,7 +82,7 @@ def test_verify_and_assemble_on_a_folder_that_is_not_ours(tmp_path: Path) -> Non
 
 
 def test_verify_exit_code_and_listing(model: Path, tmp_path: Path) -> None:
-    ok = gguf_swarm("fragment", str(model), "-o", str(tmp_path / "f"), "--chunk-size", "1KiB")
+    ok = gguf_swarm("fragment", str(model), "-o", str(tmp_path / "f"), "--chunk-size", "4KiB")
     assert ok.returncode == 0, ok.stderr
     cid = ok.stdout.splitlines()[0]
     assert cid.startswith("bafk")
@@ -105,3 +108,35 @@ def test_python_dash_m_fragmenter_and_json(model: Path, tmp_path: Path) -> None:
 
     event = json.loads(proc.stdout.strip().splitlines()[-1])
     assert event["event"] == "fragmented" and event["model_cid"].startswith("bafk")
+
+
+def test_a_chunk_size_that_would_flood_the_disk_with_files_is_refused(model: Path, tmp_path: Path) -> None:
+    proc = gguf_swarm("fragment", str(model), "--output", str(tmp_path / "out"), "--chunk-size", "1")
+    assert proc.returncode == 2 and "chunk size must be from 4KiB to 1GiB" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "soon"])
+def test_a_pull_timeout_that_is_not_a_positive_number_is_refused(tmp_path: Path, value: str) -> None:
+    cid = "bafkreigsgxmcnkhjmxpohdq62xbgq327uoav2d7pbbkjdc5so4fnmqu3fq"
+    proc = gguf_swarm("pull", cid, "--data-dir", str(tmp_path), "--timeout", value)
+    assert proc.returncode == 2 and "--timeout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_while_fragmenting_leaves_no_staging_folder(tmp_path: Path) -> None:
+    big = write_model(tmp_path / "big.gguf", [(f"blk.{i}.ffn_up.weight", T.F32, (1024, 2048)) for i in range(12)])
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "fragment", str(big), "--output", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("fragmenting finished before it could be interrupted")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert not list(tmp_path.glob(".out.partial-*")) and not out.exists()
