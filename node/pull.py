@@ -199,25 +199,47 @@ async def _holders_among(node: Node, model_cid: str, peers: list[ID]) -> list[ID
     return holders
 
 
+MANIFEST_STAGGER = 3.0  # a holder still sending the manifest after this long gets company
+
+
 async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalModel:
-    for peer in peers:
+    """The manifest from the first holder whose bytes hash to the CID. Holders
+    are asked in turn, a new one every MANIFEST_STAGGER seconds while the
+    earlier ones are still sending, so a holder that trickles (or stalls)
+    costs seconds, not its whole timeout."""
+    winner: list[bytes] = []
+
+    async def fetch(peer: ID, done: trio.Event) -> None:
         try:
             with trio.fail_after(60):
                 data = await request_body(node.host, peer, ManifestRequest(model_cid), MAX_MANIFEST_BYTES)
         except Exception as e:
             log.info("manifest from %s failed: %r", peer, e)
-            continue
+            return
+        finally:
+            done.set()
         if cid_of(data) != model_cid:
             log.warning("peer %s sent a manifest that does not match %s", peer, model_cid)
-            continue
-        try:
-            manifest = parse_manifest(load_manifest_json(data, "manifest from peer"), "manifest from peer")
-        except FragmenterError as e:
-            raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
-        if manifest.raw.get("header_sha256") is None:
-            raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
-        return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data)
-    raise NodeError(f"no peer sent a manifest matching {model_cid}")
+        elif not winner:
+            winner.append(data)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            done = trio.Event()
+            nursery.start_soon(fetch, peer, done)
+            with trio.move_on_after(MANIFEST_STAGGER):
+                await done.wait()
+    if not winner:
+        raise NodeError(f"no peer sent a manifest matching {model_cid}")
+    data = winner[0]
+    try:
+        manifest = parse_manifest(load_manifest_json(data, "manifest from peer"), "manifest from peer")
+    except FragmenterError as e:
+        raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
+    if manifest.raw.get("header_sha256") is None:
+        raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
+    return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data)
 
 
 async def _write_tokenizer(model: LocalModel) -> None:

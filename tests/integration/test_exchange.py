@@ -5,18 +5,20 @@ and peers that claim what they refuse."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from gguf import GGMLQuantizationType as T
 
 import fragmenter as fr
+import node.pull as pull_module
 import node.swarm as swarm_module
 from node.host import NodeError
 from node.pull import PullOptions, pull_model
 from node.server import ServeLimits
 from node.swarm import STRIKES, ModelSwarm
-from protocol import Error, ErrorCode
+from protocol import PROTOCOL_ID, Data, Error, ErrorCode, encode_frame
 from protocol.exchange import EXCHANGE_PROTOCOL_ID, Hello, Interested, decode_exchange_body, encode_exchange
 from tests.conftest import sha256_file
 from tests.gguf_factory import write_model
@@ -169,3 +171,28 @@ async def test_a_peer_that_says_goodbye_but_keeps_the_stream_open_is_let_go(tmp_
         async with node_at(tmp_path / "p", seed.addrs()[:1]) as puller:
             got, _ = await pull_model(puller, model_cid, PullOptions(find_timeout=10))
         assert got.complete
+
+
+async def test_a_holder_that_trickles_the_manifest_costs_seconds_not_minutes(tmp_path: Path) -> None:
+    model_folder(tmp_path / "seed")
+    async with node_at(tmp_path / "seed") as seed, node_at(tmp_path / "slow") as slow:
+        model_cid = next(iter(seed.store.models))
+        manifest = seed.store.models[model_cid].manifest_bytes
+
+        async def trickle(stream: Any) -> None:
+            try:
+                await stream.read(65536)  # the ManifestRequest
+                await stream.write(encode_frame(Data(len(manifest))))
+                for i in range(len(manifest)):
+                    await stream.write(manifest[i : i + 1])
+                    await trio.sleep(0.5)  # would take days
+            except Exception:
+                pass
+
+        slow.host.set_stream_handler(PROTOCOL_ID, trickle)
+        async with node_at(tmp_path / "p", slow.addrs()[:1] + seed.addrs()[:1]) as puller:
+            start = trio.current_time()
+            with trio.fail_after(20):
+                got = await pull_module._fetch_manifest(puller, model_cid, [slow.peer_id, seed.peer_id])
+            assert got.manifest_bytes == manifest
+            assert trio.current_time() - start < pull_module.MANIFEST_STAGGER + 5
