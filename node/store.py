@@ -206,19 +206,6 @@ class Store:
         else:
             model.have[index] = True
 
-    def reverify(self, model: LocalModel) -> int:
-        """Hash every fragment present (after a crash); drop the ones that do not match."""
-        dropped = 0
-        for i, entry in enumerate(model.manifest.fragments):
-            if not model.have[i]:
-                continue
-            path = model.folder / entry.file_name
-            if not entry.matches_digest(_sha256_file(path)):
-                path.unlink(missing_ok=True)
-                model.have[i] = False
-                dropped += 1
-        return dropped
-
     # ---- hash cache for the existing tool's folders ----------------------
 
     def _load_hash_cache(self) -> dict[str, list]:

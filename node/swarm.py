@@ -40,7 +40,7 @@ from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from protocol import Error, ErrorCode
+from protocol import Error
 from protocol.exchange import (
     EXCHANGE_PROTOCOL_ID,
     MAX_BITFIELD_BYTES,
@@ -799,6 +799,3 @@ async def _reset(stream: INetStream) -> None:
     except Exception:
         pass
 
-
-def hello_error(model_cid: str) -> Error:
-    return Error(ErrorCode.NOT_FOUND, f"no model {model_cid} here")
