@@ -146,6 +146,7 @@ class ModelBlocks:
             self._drop_file(k)
             return None
         self.digests[k] = digests
+        self.store.mark_verified(self.model.folder / spec.name)  # v1 requests for it need not hash it again
         return digests
 
     def read_block(self, block: int) -> bytes | None:

@@ -147,16 +147,14 @@ class Store:
     def read_verified(self, blob: Blob, offset: int = 0, length: int | None = None) -> bytes | None:
         """The blob's bytes (or a range), or None if the file no longer matches its hash."""
         try:
-            st = os.stat(blob.path)
-            key = (str(blob.path), st.st_size, st.st_mtime_ns)
             with open(blob.path, "rb") as f:
-                if key not in self._verified:
+                if not self.is_verified(blob.path):
                     data = f.read()
                     if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.sha256:
                         log.error("local file %s does not match its hash; not serving it", blob.path)
                         self._forget(blob)
                         return None
-                    self._verified.add(key)
+                    self.mark_verified(blob.path)
                     return data[offset : None if length is None else offset + length]
                 f.seek(offset)
                 return f.read(-1 if length is None else length)
@@ -173,7 +171,10 @@ class Store:
         return (str(path), st.st_size, st.st_mtime_ns) in self._verified
 
     def mark_verified(self, path: Path) -> None:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return  # gone meanwhile: it will be checked again if it comes back
         self._verified.add((str(path), st.st_size, st.st_mtime_ns))
 
     def _forget(self, blob: Blob) -> None:

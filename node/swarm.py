@@ -798,4 +798,3 @@ async def _reset(stream: INetStream) -> None:
         await stream.reset()
     except Exception:
         pass
-
