@@ -23,6 +23,8 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from .libp2p_patches import apply_all
+
 IDENTITY_FILE = "identity.key"
 PERMANENT_TTL = 0  # peerstore: never expire
 
@@ -45,6 +47,7 @@ def load_or_create_identity(state_dir: Path) -> KeyPair:
 
 
 def make_host(key_pair: KeyPair) -> IHost:
+    apply_all()  # py-libp2p fixes for measured attacks (node/libp2p_patches)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
         key_pair=key_pair,

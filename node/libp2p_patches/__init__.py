@@ -1,0 +1,21 @@
+"""Small patches to py-libp2p 0.8.1, each closing one measured attack.
+
+Each submodule patches one upstream weakness, names the attack it stops, and
+could be sent upstream as it is. `apply_all()` is idempotent and runs before
+any host is made (`node.host.make_host`). The tests in
+`tests/integration/test_hostile_*.py` run each attack against a live node.
+"""
+
+from __future__ import annotations
+
+from . import yamux
+
+_applied = False
+
+
+def apply_all() -> None:
+    global _applied
+    if _applied:
+        return
+    yamux.apply()
+    _applied = True
