@@ -140,7 +140,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_assemble(args: argparse.Namespace) -> int:
     bar = progress_bar(args, "assemble")
-    result = assemble(Path(args.folder), Path(args.output), args.force, bar)
+    with sigterm_as_interrupt():  # the staging file is removed on the way out
+        result = assemble(Path(args.folder), Path(args.output), args.force, bar)
     if bar:
         bar.close()
     checked = "matches file_sha256" if result.checked_against_manifest else "no file_sha256 to check against"
@@ -247,8 +248,8 @@ def run(args: argparse.Namespace, func: Callable[[argparse.Namespace], int]) -> 
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error:{where}: {e.strerror or e}", file=sys.stderr)
+        where = f" {e.filename}:" if getattr(e, "filename", None) else ""
+        print(f"error:{where} {e.strerror or e}", file=sys.stderr)
         return 1
 
 

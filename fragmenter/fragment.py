@@ -83,7 +83,10 @@ class _Reader:
                 task.result()  # this buffer is free again
             n = min(size, _READ_SIZE)
             view = memoryview(self.buffers[turn])[:n]
-            got = self.f.readinto(view)
+            try:
+                got = self.f.readinto(view)
+            except OSError as e:  # told apart from the writes' errors (a full disk), which name the output
+                raise FragmenterError(f"cannot read the model at byte {self.pos}: {e.strerror or e}") from None
             if got != n:
                 raise GGUFFormatError(f"file ended early at byte {self.pos + (got or 0)}: truncated?")
             self.busy[turn] = [self.file_worker.submit(self.file_hash.update, view)]
@@ -128,15 +131,18 @@ def fragment_model(
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as header_map:
             header = parse_header(header_map)
             plan = plan_file(header, file_size, chunk_size)
-            with open_staging_folder(Path(output), force) as staging, _Reader(f, progress, file_size) as reader:
-                entries, extra, header_sha, header_root = _write_fragments(reader, header, plan, staging, gguf_path)
-                file_sha = reader.finish()
-                tokenizer_files = write_tokenizer_files(header, staging)
-                manifest = build_manifest(
-                    header, gguf_path.name, file_size, file_sha, header_sha, header_root, chunk_size, entries, extra
-                )
-                manifest_bytes = serialize(manifest)
-                (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+            try:
+                with open_staging_folder(Path(output), force) as staging, _Reader(f, progress, file_size) as reader:
+                    entries, extra, header_sha, header_root = _write_fragments(reader, header, plan, staging, gguf_path)
+                    file_sha = reader.finish()
+                    tokenizer_files = write_tokenizer_files(header, staging)
+                    manifest = build_manifest(
+                        header, gguf_path.name, file_size, file_sha, header_sha, header_root, chunk_size, entries, extra
+                    )
+                    manifest_bytes = serialize(manifest)
+                    (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+            except OSError as e:  # writing (reads fail as FragmenterError): the staging folder is gone already
+                raise FragmenterError(f"cannot write {output}: {e.strerror or e}") from None
     return FragmentResult(
         model_cid=cid_of(manifest_bytes),
         folder=Path(output).resolve(),
@@ -178,13 +184,10 @@ def _write_fragments(
             continue
         digest = hashlib.sha256()
         blocks = BlockHasher()
-        try:
-            with open(tmp, "wb") as out:
-                for view in reader.chunks(item.size, blocks):
-                    digest.update(view)
-                    out.write(view)
-        except OSError as e:
-            raise FragmenterError(f"cannot write fragment into {staging}: {e.strerror}") from None
+        with open(tmp, "wb") as out:
+            for view in reader.chunks(item.size, blocks):
+                digest.update(view)
+                out.write(view)
         # The block root is filled in below, once the block worker is done;
         # the placeholder keeps its place in the entry's (serialized) key order.
         entry = fragment_entry(model, item, digest.hexdigest(), "", used_ids, header.data_start)

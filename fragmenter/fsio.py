@@ -1,7 +1,13 @@
-"""Atomic file and folder writes: nothing half-written ever carries a final name."""
+"""Atomic file and folder writes: nothing half-written ever carries a final name.
+
+Staging names carry the writer's process id (`.NAME.partial-PID-XXXX`), so the
+next write to the same final name can tell a killed writer's leftovers (SIGKILL,
+a power cut: no cleanup ran) from a live writer's, and remove only the former.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -20,6 +26,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_staging(final: Path) -> None:
+    """Remove the staging leftovers of writers of `final` that are no longer running."""
+    for kind in ("partial", "old"):
+        prefix = f".{final.name}.{kind}-"
+        for path in final.parent.glob(glob.escape(prefix) + "*"):
+            pid = path.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue  # a live writer's (or, after pid reuse, kept until that process ends)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _staging_prefix(final: Path, kind: str) -> str:
+    return f".{final.name}.{kind}-{os.getpid()}-"
+
+
 @contextmanager
 def open_staging_folder(final: Path, force: bool) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `final`; on success it replaces `final`.
@@ -34,7 +68,8 @@ def open_staging_folder(final: Path, force: bool) -> Iterator[Path]:
         raise FragmenterError(f"{final} exists and is not empty (use --force to replace it)")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        remove_stale_staging(final)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final, "partial"), dir=final.parent))
     except OSError as e:
         raise FragmenterError(f"cannot write into {final.parent}: {e.strerror}") from None
     try:
@@ -47,7 +82,7 @@ def open_staging_folder(final: Path, force: bool) -> Iterator[Path]:
                 os.close(fd)
         fsync_dir(staging)
         if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            trash = Path(tempfile.mkdtemp(prefix=_staging_prefix(final, "old"), dir=final.parent))
             final.rename(trash / "old")
             staging.rename(final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -65,7 +100,8 @@ def open_staging_file(final: Path) -> Iterator[Path]:
     final = final.resolve()
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+        remove_stale_staging(final)
+        fd, name = tempfile.mkstemp(prefix=_staging_prefix(final, "partial"), dir=final.parent)
         os.close(fd)
     except OSError as e:
         raise FragmenterError(f"cannot write into {final.parent}: {e.strerror}") from None

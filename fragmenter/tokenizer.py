@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import struct
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import FragmenterError
+from .fsio import open_staging_file
 from .gguf_header import GGUFArray, GGUFHeader
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -94,19 +97,28 @@ class _Vocab:
         return self.tokens[i] if isinstance(i, int) and 0 <= i < len(self.tokens) else None
 
 
+@contextmanager
+def _open_atomic(path: Path) -> Iterator[BinaryIO]:
+    """`path` for writing, under a staging name until written whole: a pull that
+    builds these beside its fragments and is killed (or runs out of disk) midway
+    leaves no half-written tokenizer file."""
+    with open_staging_file(path) as tmp, open(tmp, "wb") as out:
+        yield out
+
+
 def write_tokenizer_files(header: GGUFHeader, folder: Path) -> list[str]:
     """Write the tokenizer files this model's vocabulary allows; return their names."""
     if "tokenizer.ggml.tokens" not in header.metadata:
         return []
     vocab = _Vocab(header)
     if vocab.model == "llama":
-        with open(folder / TOKENIZER_JSON, "wb") as out:
+        with _open_atomic(folder / TOKENIZER_JSON) as out:
             _write_tokenizer_json(out, _spm_parts(vocab), vocab, *spm_merges(vocab))
-        with open(folder / TOKENIZER_MODEL, "wb") as out:
+        with _open_atomic(folder / TOKENIZER_MODEL) as out:
             write_spm_model_proto(vocab, out)
         return [TOKENIZER_JSON, TOKENIZER_MODEL]
     if vocab.model == "gpt2":
-        with open(folder / TOKENIZER_JSON, "wb") as out:
+        with _open_atomic(folder / TOKENIZER_JSON) as out:
             _write_tokenizer_json(out, _bpe_parts(vocab), vocab, *bpe_merges(vocab))
         return [TOKENIZER_JSON]
     raise FragmenterError(f"tokenizer model {vocab.model!r} is not supported (only 'llama' and 'gpt2')")

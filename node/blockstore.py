@@ -4,9 +4,19 @@ Rule: a block is written only after it matched its digest, and a file gets its
 final name only when every block is in and the whole file matched the
 manifest's SHA-256 (the block roots come from the same manifest, but only the
 file hash is the user's format: a publisher could make the two disagree).
-Until then the blocks live in a hidden `.partial-` file beside it, which the
-store deletes at its next start, so a crash never leaves a wrong file under a
-final name. Verified blocks of a partial file are served at once.
+Until then the blocks live in a hidden `.resume-NAME` file beside it, with the
+file's block digests in `.resume-NAME.digests`, so a crash never leaves a
+wrong file under a final name. Verified blocks of a partial file are served at
+once. A pull that is killed (or runs out of disk) keeps them: the next one
+hashes each written block again against the saved digests (themselves checked
+against the manifest's root) and fetches only the blocks that do not match.
+Why blocks and not just whole fragments: blocks are picked rarest first, in
+random order, so when a pull stops most of its fragments are partly there.
+
+Serving re-checks what it reads: a complete file is hashed whole before it is
+first served, and every block read to send is hashed again against its
+digest, so a block that rots on disk after that (~1 ms per MiB) is refused,
+not sent; the file is then dropped (logged, no longer offered).
 
 File k < n is fragment k (manifest order); file n is `gguf_header.dat`.
 Synchronous: the node calls everything here through `trio.to_thread`, except
@@ -15,6 +25,7 @@ the cheap lookups.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -28,7 +39,7 @@ from fragmenter.manifest import HEADER_NAME
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.layout import BlockLayout
 
-from .store import PARTIAL_PREFIX, LocalModel, Store
+from .store import PARTIAL_PREFIX, RESUME_PREFIX, LocalModel, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +76,20 @@ def layout_of(model: LocalModel) -> BlockLayout:
 
 
 class _Partial:
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, fresh: bool = True) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, size)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o644)
+        os.ftruncate(self.fd, size)  # sparse: blocks not yet written are holes
         self.blocks_in = 0
+
+
+def _written(fd: int, offset: int, length: int) -> bool:
+    """Is any of [offset, offset + length) written? A hole (a block a killed pull
+    never got to) is skipped unread on resume."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) < offset + length
+    except OSError as e:  # ENXIO: only holes from there on; else no SEEK_DATA here: read it
+        return e.errno != errno.ENXIO
 
 
 class ModelBlocks:
@@ -88,9 +108,15 @@ class ModelBlocks:
         self.have_count = 0
         self.have_bytes = 0
         self.partial_reads = 0  # blocks served from files still incomplete here
+        self.resumed_bytes = 0  # verified blocks a killed pull left, kept (see _resume)
+        leftovers = _resume_names(model.folder)
         for k in range(len(self.specs)):
             if self.file_complete(k):
                 self._mark_file(k)
+                if self._resume_path(k).name in leftovers:
+                    self._discard_resume(k)  # completed by another run meanwhile
+            elif self._resume_path(k).name in leftovers:
+                self._resume(k)
 
     # ---- state -------------------------------------------------------------
 
@@ -146,11 +172,13 @@ class ModelBlocks:
             self._drop_file(k)
             return None
         self.digests[k] = digests
-        self.store.mark_verified(self.model.folder / spec.name)  # v1 requests for it need not hash it again
+        # v1 requests for it need not hash it whole again
+        self.store.mark_verified(self.model.folder / spec.name, self.layout.block_size, digests)
         return digests
 
     def read_block(self, block: int) -> bytes | None:
-        """The bytes of a held block, or None (not held, or the file went bad)."""
+        """The bytes of a held block, checked against its digest as read; None when
+        not held, or when the block no longer matches (the file is then dropped)."""
         if not self.has_block(block):
             return None
         span = self.layout.span(block)
@@ -160,49 +188,43 @@ class ModelBlocks:
             if partial is not None:
                 data = os.pread(partial.fd, span.length, span.offset)
                 self.partial_reads += 1
-                return data if len(data) == span.length else None
             complete = self.file_complete(k)
-        if not complete:
-            return None  # dropped meanwhile
-        if self.specs[k].root is not None and self.file_digests(k) is None:
-            return None
-        if self.specs[k].root is None and not self._whole_file_ok(k):
-            return None
+        if partial is None:
+            if not complete:
+                return None  # dropped meanwhile
+            if self.specs[k].root is not None and self.file_digests(k) is None:
+                return None
+            try:
+                with open(self.model.folder / self.specs[k].name, "rb") as f:
+                    f.seek(span.offset)
+                    data = f.read(span.length)
+            except OSError:
+                data = b""
         try:
-            with open(self.model.folder / self.specs[k].name, "rb") as f:
-                f.seek(span.offset)
-                data = f.read(span.length)
-        except OSError:
-            data = b""
-        if len(data) != span.length:
-            self._drop_file(k)
+            intact = self.check_block(block, data)
+        except LookupError:  # its digests were dropped meanwhile: the file went bad on another thread
             return None
-        return data
-
-    def _whole_file_ok(self, k: int) -> bool:
-        """Unblocked files (old manifests) are checked whole on first serve."""
-        spec = self.specs[k]
-        path = self.model.folder / spec.name
-        if self.store.is_verified(path):
-            return True
-        try:
-            data = path.read_bytes()
-        except OSError:
-            data = b""
-        if len(data) != spec.size or not spec.matches(hashlib.sha256(data).hexdigest()):
-            log.error("local file %s does not match the manifest; not serving it", path)
+        if intact:
+            return data
+        if partial is not None:
+            # Written here verified, changed since: refuse it; the file's whole hash fails at completion.
+            log.error("block %d of %s changed on disk since it was written; not serving it", block, partial.path)
+        else:
+            path = self.model.folder / self.specs[k].name
+            log.error("local file %s changed on disk since it was verified; not serving it", path)
             self._drop_file(k)
-            return False
-        self.store.mark_verified(path)
-        return True
+        return None
 
     def _drop_file(self, k: int) -> None:
-        self._unmark_file(k)
-        self.digests.pop(k, None)
-        if k == self.n:
-            self.model.header_present = False
-        else:
-            self.model.have[k] = False
+        """File k is bad on disk: no longer offered, and checked whole again if it comes back."""
+        with self._lock:
+            self._unmark_file(k)
+            self.digests.pop(k, None)
+            if k == self.n:
+                self.model.header_present = False
+            else:
+                self.model.have[k] = False
+        self.store.forget_verified(self.model.folder / self.specs[k].name)
 
     # ---- receiving -----------------------------------------------------------
 
@@ -255,8 +277,7 @@ class ModelBlocks:
             return True
         partial = self._partials.get(k)
         if partial is None:
-            path = self.model.folder / f"{PARTIAL_PREFIX}{spec.name}.{uuid.uuid4().hex[:12]}"
-            partial = _Partial(path, spec.size)
+            partial = self._start_partial(k)
             with self._lock:
                 self._partials[k] = partial
         os.pwrite(partial.fd, data, span.offset)
@@ -282,12 +303,13 @@ class ModelBlocks:
                 del self._partials[k]
                 self._unmark_file(k)
             os.close(partial.fd)
-            partial.path.unlink(missing_ok=True)
+            self._discard_resume(k)
             raise BadManifest(f"{spec.name}: blocks match the manifest's block_root but not its sha256")
         os.fsync(partial.fd)
         final = self.model.folder / spec.name
         os.replace(partial.path, final)  # the descriptor still reads the same file: readers go on meanwhile
         fsync_dir(final.parent)
+        self._digests_path(k).unlink(missing_ok=True)
         with self._lock:
             self._set_complete(k, final)
             del self._partials[k]
@@ -304,14 +326,14 @@ class ModelBlocks:
         self._mark_file(k)
 
     def _set_complete(self, k: int, path: Path) -> None:
-        self.store.mark_verified(path)
+        self.store.mark_verified(path, self.layout.block_size, self.digests[k])
         if k == self.n:
             self.model.header_present = True
         else:
             self.model.have[k] = True
 
     def close(self) -> None:
-        """Drop the partial files (a later pull refetches their blocks)."""
+        """Close the partial files; they stay on disk for the next pull to resume."""
         with self._lock:
             partials = list(self._partials.values())
             self._partials.clear()
@@ -320,4 +342,85 @@ class ModelBlocks:
                 os.close(partial.fd)
             except OSError:
                 pass
-            partial.path.unlink(missing_ok=True)
+
+    # ---- resuming a killed pull ------------------------------------------------
+
+    def _resume_path(self, k: int) -> Path:
+        return self.model.folder / f"{RESUME_PREFIX}{self.specs[k].name}"
+
+    def _digests_path(self, k: int) -> Path:
+        return self.model.folder / f"{RESUME_PREFIX}{self.specs[k].name}.digests"
+
+    def _start_partial(self, k: int) -> _Partial:
+        """A new partial file for k, its block digests saved beside it first (not
+        synced: a torn digest file fails its root check on resume, which costs
+        only a refetch)."""
+        digests_path = self._digests_path(k)
+        tmp = digests_path.with_name(f"{PARTIAL_PREFIX}{digests_path.name}.{uuid.uuid4().hex[:12]}")
+        try:
+            tmp.write_bytes(self.digests[k])
+            os.replace(tmp, digests_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return _Partial(self._resume_path(k), self.specs[k].size)
+
+    def _resume(self, k: int) -> None:
+        """Adopt the verified blocks an earlier pull left of file k. Every written
+        block is hashed again against the saved digests, so whatever a kill, a
+        crash or a full disk left in the file, only matching blocks count."""
+        spec = self.specs[k]
+        blocks = self.layout.file_blocks(k)
+        try:
+            digests = self._digests_path(k).read_bytes()
+            usable = (
+                spec.root is not None
+                and len(digests) == DIGEST_SIZE * len(blocks)
+                and block_root(digests) == spec.root
+                and self._resume_path(k).stat().st_size == spec.size
+            )
+            partial = _Partial(self._resume_path(k), spec.size, fresh=False) if usable else None
+        except OSError:
+            partial = None
+        if partial is None:
+            self._discard_resume(k)
+            return
+        good = []
+        try:
+            for j, b in enumerate(blocks):
+                span = self.layout.span(b)
+                if _written(partial.fd, span.offset, span.length):
+                    data = os.pread(partial.fd, span.length, span.offset)
+                    if hashlib.sha256(data).digest() == digests[j * DIGEST_SIZE : (j + 1) * DIGEST_SIZE]:
+                        good.append(b)
+        except OSError as e:  # unreadable: start the file afresh
+            log.warning("cannot resume %s: %s", self._resume_path(k), e)
+            os.close(partial.fd)
+            self._discard_resume(k)
+            return
+        self.digests[k] = digests
+        self._partials[k] = partial
+        for b in good:
+            self._mark(b)
+            self.resumed_bytes += self.layout.block_length(b)
+        partial.blocks_in = len(good)
+        if good:
+            log.info("resuming %s: %d of %d blocks already verified", spec.name, len(good), len(blocks))
+        if partial.blocks_in == len(blocks):  # killed between its last block and its rename
+            try:
+                self._complete_partial(k, partial)
+            except BadManifest as e:
+                log.error("%s", e)  # fetched again, and the pull fails on it then
+
+    def _discard_resume(self, k: int) -> None:
+        self._resume_path(k).unlink(missing_ok=True)
+        self._digests_path(k).unlink(missing_ok=True)
+
+
+def _resume_names(folder: Path) -> set[str]:
+    """The resume files in a model folder (listed once, not probed file by file)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name for e in entries if e.name.startswith(RESUME_PREFIX)}
+    except OSError:
+        return set()

@@ -104,11 +104,11 @@ def _run_node(args: argparse.Namespace, body: Any) -> int:
         return trio.run(main)
     except BaseExceptionGroup as group:
         # trio nurseries wrap errors in groups; report the first user-facing one.
-        leaf = _first_leaf(group, (NodeError, FragmenterError, KeyboardInterrupt))
+        leaf = _first_leaf(group, (NodeError, FragmenterError, KeyboardInterrupt, OSError))
         if leaf is None:
             raise
-        if isinstance(leaf, KeyboardInterrupt):
-            raise leaf from None
+        if isinstance(leaf, KeyboardInterrupt | OSError):
+            raise leaf from None  # run() reports it: "interrupted", or one line (a full disk, say)
         print(f"error: {leaf}", file=sys.stderr)
         return 1
     except (NodeError, FragmenterError) as e:
@@ -184,7 +184,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
             print(f"\nbanned peer {event['peer']}: {event.get('reason', 'misbehaved')}", file=sys.stderr)
 
     async def body(node: Node) -> int:
-        options = PullOptions(find_timeout=args.timeout, on_event=on_event)
+        options = PullOptions(
+            find_timeout=args.timeout, stall_timeout=node.config.pull_stall_timeout, on_event=on_event
+        )
         model, stats = await pull_model(node, args.model_cid, options)
         if bar:
             bar.close()

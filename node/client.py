@@ -10,12 +10,14 @@ Gemma fragments: one pipelined stream 143 MB/s, a fresh stream per fragment
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from protocol import PROTOCOL_ID, Data, Error, ErrorCode, FrameDecoder, Have, HaveRequest, ProtocolError, Request
 
-from .streams import read_body, read_message, send_message
+from .streams import read_body, read_message, send_message, stream_body
 
 
 class RemoteError(Exception):
@@ -54,6 +56,16 @@ class Session:
             raise ProtocolError(f"peer announced {answer.size} bytes, expected at most {max_size}")
         return bytes(await read_body(self.stream, self._decoder, answer.size, self.stall_timeout))
 
+    async def read_data_to(self, sink: Callable[[bytes], object], max_size: int) -> int:
+        """Like `read_data`, but the body goes to `sink` piece by piece; returns its size."""
+        answer = await self._answer()
+        if not isinstance(answer, Data):
+            raise ProtocolError(f"expected data, got {type(answer).__name__}")
+        if answer.size > max_size:
+            raise ProtocolError(f"peer announced {answer.size} bytes, expected at most {max_size}")
+        await stream_body(self.stream, self._decoder, answer.size, sink, self.stall_timeout)
+        return answer.size
+
     async def read_have(self) -> Have:
         answer = await self._answer()
         if not isinstance(answer, Have):
@@ -77,16 +89,6 @@ class Session:
             await self.stream.reset()
         except Exception:
             pass
-
-
-async def request_body(host: IHost, peer: ID, request: Request, max_size: int) -> bytes:
-    """One request on its own stream; the raw body of the Data answer."""
-    session = await Session.open(host, peer)
-    try:
-        await session.send(request)
-        return await session.read_data(max_size)
-    finally:
-        await session.close()
 
 
 async def request_have(host: IHost, peer: ID, request: HaveRequest) -> Have:

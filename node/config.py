@@ -7,13 +7,14 @@ node's config should not quietly remove its rate limit.
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from fragmenter.cli import parse_size
 
-from .host import NodeError
+from .host import NodeError, PeerLimits
 from .node import NodeConfig
 from .server import ServeLimits
 
@@ -21,7 +22,8 @@ DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 _KEYS = {
     "node": {"data_dir", "listen", "bootstrap"},
     "serve": {"unchoke_slots", "upload_slots", "upload_slots_per_peer", "upload_rate", "initial_seeding"},
-    "fetch": {"requests_per_peer", "request_bytes_per_peer"},
+    "fetch": {"requests_per_peer", "request_bytes_per_peer", "stall_timeout"},
+    "peers": {"max_connections", "high_watermark", "low_watermark", "streams_per_peer"},
 }
 
 
@@ -42,6 +44,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "config") -> NodeConfig:
     """The file's values, with any flag given on the command line taking precedence."""
     node, serve, fetch = doc.get("node", {}), doc.get("serve", {}), doc.get("fetch", {})
+    peers, peer_limits = doc.get("peers", {}), PeerLimits()
     data_dir = args.data_dir or node.get("data_dir")
     if not data_dir:
         raise NodeError("--data-dir is required (or data_dir in the config file)")
@@ -60,6 +63,14 @@ def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "co
             unchoke_slots=_positive(serve.get("unchoke_slots", defaults.unchoke_slots)),
             requests_per_peer=_positive(fetch.get("requests_per_peer", defaults.requests_per_peer)),
             request_bytes_per_peer=_size(fetch.get("request_bytes_per_peer", defaults.request_bytes_per_peer)),
+            pull_stall_timeout=_seconds(fetch.get("stall_timeout", defaults.pull_stall_timeout)),
+            peers=PeerLimits(
+                max_connections=_positive(peers.get("max_connections", peer_limits.max_connections)),
+                high_watermark=_positive(peers.get("high_watermark", peer_limits.high_watermark)),
+                low_watermark=(low := _positive(peers.get("low_watermark", peer_limits.low_watermark))),
+                outbound_reserve=min(peer_limits.outbound_reserve, low),
+                inbound_streams_per_conn=_positive(peers.get("streams_per_peer", peer_limits.inbound_streams_per_conn)),
+            ),
         )
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise NodeError(f"bad value in {source}: {e}") from None
@@ -83,6 +94,12 @@ def _positive(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _size(value: Any) -> int:

@@ -14,25 +14,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
 
 from protocol import PROTOCOL_ID, Error, ErrorCode
 from protocol.exchange import EXCHANGE_PROTOCOL_ID, encode_exchange
 
+from .blockstore import ModelBlocks
 from .host import (
     NodeError,
+    PeerLimits,
     connect,
     dialable_addrs,
     load_or_create_identity,
     make_host,
+    manage_connections,
     parse_multiaddr,
     parse_peer_addr,
 )
 from .server import FragmentServer, ServeLimits
+from .standing import BanList
 from .store import LocalModel, Store
 from .streams import StreamClosed, read_hello
 from .swarm import ModelSwarm
@@ -53,10 +58,12 @@ class NodeConfig:
     request_bytes_per_peer: int = 48 << 20
     unchoke_slots: int = 4  # peers served at once per model, plus one optimistic unchoke
     peer_stall_timeout: float = 30.0  # a peer with requests pending that sends nothing this long is dropped
+    pull_stall_timeout: float = 60.0  # a pull with no block verified for this long ends, naming what is missing
     provides_per_second: float = 5.0
     # ADD_PROVIDER records accepted per sender per 10 s (py-libp2p drops the rest
     # silently; its default of 10 would lose most fragment announcements).
     provider_rate_max: int = 1000
+    peers: PeerLimits = field(default_factory=PeerLimits)  # connections and inbound streams peers can make us hold
 
 
 class Node:
@@ -74,7 +81,7 @@ class Node:
         self.announced: set[str] = set()
         self.swarms: dict[str, ModelSwarm] = {}
         self._swarm_lock = trio.Lock()
-        self.banned: set[ID] = set()  # sent bad data or broke the protocol: refused everywhere
+        self.banned = server.banned  # sent bad data or broke the protocol: refused by every protocol for a while
         self.nursery: trio.Nursery  # set by open_node; swarms live in it
 
     # ---- swarms ------------------------------------------------------------
@@ -84,10 +91,13 @@ class Node:
         async with self._swarm_lock:  # two callers at once must not see a swarm not yet running
             swarm = self.swarms.get(model.cid)
             if swarm is not None and swarm.failure is not None:
-                swarm.stop()  # a pull of it failed: a new pull starts afresh
+                swarm.stop()  # a pull of it failed: a new pull starts afresh...
+                await swarm.closed.wait()  # ...once the old one has let go of its partial files
                 swarm = None
             if swarm is None:
-                swarm = ModelSwarm(self, model)
+                # On a worker thread: resuming a killed pull hashes the blocks it left.
+                blocks = await trio.to_thread.run_sync(ModelBlocks, self.store, model)
+                swarm = ModelSwarm(self, model, blocks)
                 await self.nursery.start(swarm.run)
                 self.swarms[model.cid] = swarm
         return swarm
@@ -115,6 +125,11 @@ class Node:
                 await stream.reset()
             except Exception:
                 pass
+
+    def ban(self, peer: ID, reason: str) -> None:
+        """Refuse `peer` everywhere for a while, and close its connections now."""
+        self.banned.ban(peer, reason)
+        self.nursery.start_soon(_disconnect, self.host, peer)
 
     async def throttle(self, n: int) -> None:
         await self.server.throttle(n)  # one bucket for every upload, v1 requests and sessions alike
@@ -234,8 +249,9 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     store = Store(data_dir)
     await trio.to_thread.run_sync(store.scan)
     key_pair = load_or_create_identity(store.state_dir)
-    host = make_host(key_pair)
+    host = make_host(key_pair, config.peers)
     server = FragmentServer(store, config.serve)
+    host.get_network().register_notifee(_BanGate(server.banned))
     try:
         async with host.run(listen_addrs=listen), trio.open_nursery() as nursery:
             dht = KadDHT(host, DHTMode.SERVER)
@@ -247,6 +263,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             async with background_trio_service(dht):
                 await node.connect_bootstrap()
                 nursery.start_soon(node._announcer)
+                nursery.start_soon(manage_connections, host, config.peers.prune_interval)
                 nursery.start_soon(node._republisher)
                 for model in store.models.values():
                     if model.complete:
@@ -261,6 +278,41 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         raise NodeError(f"cannot listen on {', '.join(config.listen)}: {e.strerror or e}") from None
     finally:
         await _close_host(host)  # without close() py-libp2p leaks a socket
+
+
+class _BanGate(INotifee):
+    """Closes a new connection from a banned peer (py-libp2p has no hook to refuse it before the handshake)."""
+
+    def __init__(self, banned: BanList) -> None:
+        self.banned = banned
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        if conn.muxed_conn.peer_id in self.banned:
+            with trio.move_on_after(2):
+                await conn.close()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
+async def _disconnect(host: IHost, peer: ID) -> None:
+    with trio.move_on_after(5):
+        try:
+            await host.disconnect(peer)
+        except Exception as e:
+            log.debug("disconnecting %s: %r", peer, e)
 
 
 async def _close_host(host: IHost) -> None:

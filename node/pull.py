@@ -3,14 +3,16 @@ the model's swarm (swarm.py) fetch every block, header included, while the
 tokenizer files are built from the header as soon as it is in.
 
 A restart resumes: whole files under their final names were verified before
-they got those names and are kept; blocks of files that were still partial
-are fetched again.
+they got those names and are kept, and so are the verified blocks of files
+that were still partial (blockstore.py hashes them again on resume).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,9 +23,10 @@ from libp2p.peer.id import ID
 
 from fragmenter import FragmenterError, parse_manifest
 from fragmenter.manifest import MAX_MANIFEST_BYTES, load_manifest_json
-from protocol import HaveRequest, ManifestRequest, cid_of
+from protocol import HaveRequest, ManifestRequest
+from protocol.cid import cid_from_digest
 
-from .client import request_body, request_have
+from .client import Session, request_have
 from .host import NodeError
 from .node import Node
 from .store import LocalModel
@@ -206,23 +209,49 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
     """The manifest from the first holder whose bytes hash to the CID. Holders
     are asked in turn, a new one every MANIFEST_STAGGER seconds while the
     earlier ones are still sending, so a holder that trickles (or stalls)
-    costs seconds, not its whole timeout."""
+    costs seconds, not its whole timeout. Bodies stream into unnamed temporary
+    files, hashed on the way: several hostile holders sending the largest
+    allowed manifest at once cost disk, not memory, and leave nothing behind."""
     winner: list[bytes] = []
+    local_errors: list[OSError] = []
+    node.store.state_dir.mkdir(parents=True, exist_ok=True)
 
     async def fetch(peer: ID, done: trio.Event) -> None:
-        try:
-            with trio.fail_after(60):
-                data = await request_body(node.host, peer, ManifestRequest(model_cid), MAX_MANIFEST_BYTES)
-        except Exception as e:
-            log.info("manifest from %s failed: %r", peer, e)
-            return
-        finally:
-            done.set()
-        if cid_of(data) != model_cid:
-            log.warning("peer %s sent a manifest that does not match %s", peer, model_cid)
-        elif not winner:
-            winner.append(data)
-            nursery.cancel_scope.cancel()
+        with tempfile.TemporaryFile(dir=node.store.state_dir, buffering=0) as spool:
+            digest = hashlib.sha256()
+
+            def sink(data: bytes) -> None:
+                digest.update(data)
+                view = memoryview(data)
+                try:
+                    while view:  # unbuffered: a full disk fails here, not at some later flush
+                        view = view[spool.write(view) :]
+                except OSError as e:
+                    local_errors.append(e)  # our disk, not the peer: no other holder will do better
+                    raise
+
+            try:
+                with trio.fail_after(60):
+                    session = await Session.open(node.host, peer)
+                    try:
+                        await session.send(ManifestRequest(model_cid))
+                        await session.read_data_to(sink, MAX_MANIFEST_BYTES)
+                    finally:
+                        await session.close()
+            except Exception as e:
+                if local_errors:
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.info("manifest from %s failed: %r", peer, e)
+                return
+            finally:
+                done.set()
+            if cid_from_digest(digest.digest()) != model_cid:
+                log.warning("peer %s sent a manifest that does not match %s", peer, model_cid)
+            elif not winner:
+                spool.seek(0)
+                winner.append(spool.readall())  # hashes to the CID: the publisher's own bytes
+                nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         for peer in peers:
@@ -230,6 +259,8 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
             nursery.start_soon(fetch, peer, done)
             with trio.move_on_after(MANIFEST_STAGGER):
                 await done.wait()
+    if local_errors:
+        raise NodeError(f"cannot write into {node.store.state_dir}: {local_errors[0].strerror or local_errors[0]}")
     if not winner:
         raise NodeError(f"no peer sent a manifest matching {model_cid}")
     data = winner[0]

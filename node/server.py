@@ -3,15 +3,20 @@
 A stream carries any number of requests, answered one after another in order
 (clients pipeline them; see client.py). The handler can never crash the node:
 every exception is caught, logged and answered by resetting the stream (an
-exception escaping a libp2p stream handler kills the whole host). Open streams
-are capped per peer and in total (upload slots); beyond the cap a peer gets a
-BUSY error at once rather than a queue.
+exception escaping a libp2p stream handler kills the whole host).
+
+Two bounds, so idle streams cannot starve honest peers: an upload slot is held
+only while a request is answered (beyond the slots a request gets BUSY at once,
+not a queue), and open streams, busy or idle, are capped per peer and in
+total. Banned peers (standing.py) are refused.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -34,6 +39,7 @@ from protocol import (
 )
 
 from .ratelimit import TokenBucket
+from .standing import BanList
 from .store import Store
 from .streams import StreamClosed, read_message, send_message
 
@@ -44,10 +50,12 @@ MAX_ASKERS = 200  # remembered per model
 
 @dataclass
 class ServeLimits:
-    max_total: int = 32  # streams being served at once, all peers
-    max_per_peer: int = 8  # streams being served at once, one peer
+    max_total: int = 32  # requests being answered at once, all peers (upload slots)
+    max_per_peer: int = 8  # requests being answered at once, one peer
+    max_streams_per_peer: int = 16  # open streams, busy or idle, one peer
+    max_streams_total: int = 1024  # open streams, busy or idle, all peers
     request_timeout: float = 10.0  # to receive the first request frame
-    idle_timeout: float = 60.0  # an open stream with no next request is closed
+    idle_timeout: float = 30.0  # an open stream with no next request is closed
     stall_timeout: float = 120.0  # a peer that takes no bytes for this long is dropped
     upload_rate: int | None = None  # bytes/s, all peers together; None: unlimited
     initial_seeding: bool = True  # complete models: show concurrent pullers disjoint shares (seeding.py, swarm.py)
@@ -57,7 +65,9 @@ class ServeLimits:
 class FragmentServer:
     store: Store
     limits: ServeLimits = field(default_factory=ServeLimits)
-    active: Counter[str] = field(default_factory=Counter)
+    banned: BanList = field(default_factory=BanList)
+    active: Counter[str] = field(default_factory=Counter)  # requests being answered, per peer
+    open_streams: Counter[str] = field(default_factory=Counter)  # per peer
     served_bytes: int = 0
     served_requests: int = 0
     # Peers that asked for a model's have-set: its other pullers. A pull of the
@@ -85,17 +95,19 @@ class FragmentServer:
     async def _handle(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         try:
-            if sum(self.active.values()) >= self.limits.max_total or self.active[peer] >= self.limits.max_per_peer:
-                await send_message(stream, Error(ErrorCode.BUSY, "too many requests, try later"))
+            if stream.muxed_conn.peer_id in self.banned:
+                await _reset(stream)
+                return
+            if (
+                self.open_streams.total() >= self.limits.max_streams_total
+                or self.open_streams[peer] >= self.limits.max_streams_per_peer
+            ):
+                with trio.move_on_after(2):
+                    await send_message(stream, Error(ErrorCode.BUSY, "too many streams, try later"))
                 await stream.close()
                 return
-            self.active[peer] += 1
-            try:
-                await self._serve(stream)
-            finally:
-                self.active[peer] -= 1
-                if not self.active[peer]:
-                    del self.active[peer]
+            with _counted(self.open_streams, peer):
+                await self._serve(stream, peer)
         except ProtocolError as e:
             log.info("peer %s broke the protocol: %s", peer, e)
             await _answer_then_reset(stream, Error(ErrorCode.BAD_REQUEST, str(e)))
@@ -106,13 +118,17 @@ class FragmentServer:
             log.exception("error serving %s", peer)
             await _reset(stream)
 
-    async def _serve(self, stream: INetStream) -> None:
+    async def _serve(self, stream: INetStream, peer: str) -> None:
         decoder = FrameDecoder()
         request: Message | None
         with trio.fail_after(self.limits.request_timeout):
             request = await read_message(stream, decoder)
         while request is not None:
-            await self._answer(stream, request)
+            if self.active.total() >= self.limits.max_total or self.active[peer] >= self.limits.max_per_peer:
+                await self._write(stream, encode_frame(Error(ErrorCode.BUSY, "too many requests, try later")))
+            else:
+                with _counted(self.active, peer):
+                    await self._answer(stream, request)
             request = None
             with trio.move_on_after(self.limits.idle_timeout):
                 try:
@@ -182,6 +198,17 @@ class FragmentServer:
         if self._bucket is None:
             self._bucket = TokenBucket(self.limits.upload_rate, self.limits.upload_rate / 4, now)  # 1/4 s burst
         await trio.sleep(self._bucket.reserve(n, now))
+
+
+@contextmanager
+def _counted(counter: Counter[str], key: str) -> Iterator[None]:
+    counter[key] += 1
+    try:
+        yield
+    finally:
+        counter[key] -= 1
+        if not counter[key]:
+            del counter[key]
 
 
 async def _reset(stream: INetStream) -> None:

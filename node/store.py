@@ -4,9 +4,13 @@ Any folder with a `manifest.json` is a model (ours or the existing tool's); a
 pull writes into `DATA_DIR/<model CID>/`. The index is built at start from
 manifests and file sizes alone; hashes come from our manifests, or for the
 existing tool's (which have only 16-hex prefixes) from a cache keyed by file
-size and mtime, so nothing is re-hashed on every start. Bytes are verified
-once before they are first served. Synchronous file work: the node calls it
-through `trio.to_thread`.
+size and mtime, so nothing is re-hashed on every start. A file is hashed whole
+before it is first served; every later read hashes again the 1 MiB blocks it
+touches, against the digests recorded then, so bytes that rot on disk later
+(a bad sector, a stray write that kept the mtime) are never served. Hidden
+files in a model folder: `.partial-*` are temporary (deleted at every start),
+`.resume-*` are a killed pull's verified blocks (see blockstore.py).
+Synchronous file work: the node calls it through `trio.to_thread`.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from pathlib import Path
 from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.fsio import fsync_dir
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
+from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests
 from protocol.cid import cid_from_hex, cid_of, digest_of_cid
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".gguf-swarm"
 _HASH_CACHE = "hash-cache.json"
 PARTIAL_PREFIX = ".partial-"
+RESUME_PREFIX = ".resume-"
 
 
 @dataclass
@@ -66,7 +72,8 @@ class Store:
     data_dir: Path
     models: dict[str, LocalModel] = field(default_factory=dict)
     _blobs: dict[str, list[tuple[LocalModel, int]]] = field(default_factory=dict)  # cid -> (model, index | -1)
-    _verified: set[tuple[str, int, int]] = field(default_factory=set)  # (path, size, mtime_ns)
+    # path -> (size, mtime_ns, block size, block digests) of a file checked against its full hash
+    _verified: dict[str, tuple[int, int, int, bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -145,40 +152,68 @@ class Store:
         return None
 
     def read_verified(self, blob: Blob, offset: int = 0, length: int | None = None) -> bytes | None:
-        """The blob's bytes (or a range), or None if the file no longer matches its hash."""
+        """The blob's bytes (or a range), or None if the file no longer matches its hash
+        (then it is no longer offered)."""
+        end = blob.size if length is None else min(blob.size, offset + length)
         try:
             with open(blob.path, "rb") as f:
-                if not self.is_verified(blob.path):
+                record = self.verified_blocks(blob.path)
+                if record is None:
                     data = f.read()
                     if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.sha256:
-                        log.error("local file %s does not match its hash; not serving it", blob.path)
-                        self._forget(blob)
-                        return None
-                    self.mark_verified(blob.path)
-                    return data[offset : None if length is None else offset + length]
-                f.seek(offset)
-                return f.read(-1 if length is None else length)
+                        return self._went_bad(blob)
+                    self.mark_verified(blob.path, BLOCK_SIZE, block_digests(data))
+                    return data[offset:end]
+                # Checked whole before: read the blocks the range touches and check just those.
+                block_size, digests = record
+                first, last = offset // block_size, max(offset // block_size, -(-end // block_size))
+                f.seek(first * block_size)
+                data = f.read((last - first) * block_size)
         except OSError:
-            self._forget(blob)
-            return None
+            return self._went_bad(blob)
+        view = memoryview(data)
+        for j in range(first, last):
+            block = view[(j - first) * block_size : (j - first + 1) * block_size]
+            if hashlib.sha256(block).digest() != digests[j * DIGEST_SIZE : (j + 1) * DIGEST_SIZE]:
+                return self._went_bad(blob)
+        start = offset - first * block_size
+        return data[start : start + end - offset]
 
-    def is_verified(self, path: Path) -> bool:
-        """Was this file, as it is now on disk, checked against its full hash?"""
+    def verified_blocks(self, path: Path) -> tuple[int, bytes] | None:
+        """(block size, block digests) of this file if it was checked against its full
+        hash as it is now on disk (same size and mtime); else None."""
+        record = self._verified.get(str(path))
+        if record is None:
+            return None
         try:
             st = os.stat(path)
         except OSError:
-            return False
-        return (str(path), st.st_size, st.st_mtime_ns) in self._verified
+            return None
+        size, mtime_ns, block_size, digests = record
+        return (block_size, digests) if (st.st_size, st.st_mtime_ns) == (size, mtime_ns) else None
 
-    def mark_verified(self, path: Path) -> None:
+    def mark_verified(self, path: Path, block_size: int, digests: bytes) -> None:
+        """`path` matched its full hash just now; `digests` are its blocks' (of
+        `block_size`), for checking later reads block by block. Never raises."""
         try:
             st = os.stat(path)
         except OSError:
             return  # gone meanwhile: it will be checked again if it comes back
-        self._verified.add((str(path), st.st_size, st.st_mtime_ns))
+        self._verified[str(path)] = (st.st_size, st.st_mtime_ns, block_size, digests)
+
+    def forget_verified(self, path: Path) -> None:
+        self._verified.pop(str(path), None)
+
+    def _went_bad(self, blob: Blob) -> None:
+        log.error("local file %s does not match its hash (changed on disk?); not serving it", blob.path)
+        self.forget_verified(blob.path)
+        self._forget(blob)
+        return None
 
     def _forget(self, blob: Blob) -> None:
         for model in self.models.values():
+            if model.folder / HEADER_NAME == blob.path:
+                model.header_present = False
             for i, entry in enumerate(model.manifest.fragments):
                 if model.folder / entry.file_name == blob.path:
                     model.have[i] = False
@@ -201,7 +236,8 @@ class Store:
         path = model.folder / name
         _write_atomic(path, data)
         if index == -1 or model.manifest.fragments[index].sha256 is not None:
-            self.mark_verified(path)  # checked against a full SHA-256 just now: serving need not hash it again
+            # Checked against a full SHA-256 just now: serving it need hash only the blocks it reads.
+            self.mark_verified(path, BLOCK_SIZE, block_digests(data))
         if index == -1:
             model.header_present = True
         else:
@@ -226,11 +262,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     # A name of its own per write: two copies of one fragment (endgame) may be
     # verified on two threads at once, and each must land whole.
     tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # a full disk, say: no temporary file left behind
+        raise OSError(e.errno, e.strerror, str(path)) from None  # named for the user by its final name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -7,6 +7,7 @@ the end instead of returning b"": these helpers loop for exact counts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import INetStream
@@ -49,6 +50,25 @@ async def read_body(stream: INetStream, decoder: FrameDecoder, size: int, stall_
     while len(body) < size:
         body += await _read_some(stream, min(_READ, size - len(body)), stall_timeout)
     return body
+
+
+async def stream_body(
+    stream: INetStream,
+    decoder: FrameDecoder,
+    size: int,
+    sink: Callable[[bytes], object],
+    stall_timeout: float = math.inf,
+) -> None:
+    """Exactly `size` raw bytes, handed to `sink` as they arrive: a large body
+    never sits whole in memory."""
+    first = decoder.take_raw(size)
+    left = size - len(first)
+    if first:
+        sink(first)
+    while left:
+        data = await _read_some(stream, min(_READ, left), stall_timeout)
+        sink(data)
+        left -= len(data)
 
 
 async def send_message(stream: INetStream, msg: Message) -> None:

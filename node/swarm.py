@@ -136,16 +136,15 @@ class PeerLink:
 
 
 class ModelSwarm:
-    def __init__(self, node: Node, model: LocalModel) -> None:
+    def __init__(self, node: Node, model: LocalModel, blocks: ModelBlocks | None = None) -> None:
         self.node = node
         self.model = model
-        self.blocks = ModelBlocks(node.store, model)
+        self.blocks = blocks if blocks is not None else ModelBlocks(node.store, model)
         self.layout = self.blocks.layout
         self.stats = SwarmStats()
         self.links: dict[ID, PeerLink] = {}
         self.known: dict[ID, float] = {}  # peers to dial -> not before this time
         self.dropped: dict[ID, float] = {}  # peer -> until when it is not dialled or accepted
-        self.banned: set[ID] = set()
         self.choker = Choker(slots=node.config.unchoke_slots)
         self.picker: BlockPicker | None = None
         if not self.blocks.complete:
@@ -165,6 +164,7 @@ class ModelSwarm:
         self.complete = trio.Event()
         if self.blocks.complete:
             self.complete.set()
+        self.closed = trio.Event()  # run() has ended and the partial files are closed
         self.failure: Exception | None = None
         self.on_event: Callable[[dict[str, Any]], None] = lambda e: None
         self.on_file_complete: Callable[[int], None] = lambda k: None
@@ -188,6 +188,7 @@ class ModelSwarm:
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.blocks.close)
+                self.closed.set()
 
     def stop(self) -> None:
         """End every session and task of this swarm."""
@@ -270,7 +271,7 @@ class ModelSwarm:
         for peer, not_before in list(self.known.items()):
             if len(self.links) + len(self._dialing) >= MAX_LINKS or len(self._dialing) >= MAX_DIALS:
                 return
-            if peer in self.links or peer in self.banned or self.dropped.get(peer, 0) > now or not_before > now:
+            if peer in self.links or peer in self.node.banned or self.dropped.get(peer, 0) > now or not_before > now:
                 continue
             self.known[peer] = now + 30.0  # next attempt, if this one fails
             self._dialing.add(peer)
@@ -300,7 +301,7 @@ class ModelSwarm:
         peer = stream.muxed_conn.peer_id
         now = trio.current_time()
         log.debug("session with %s starting (we opened it: %s)", peer, initiator)
-        if peer in self.banned or self.dropped.get(peer, 0) > now or len(self.links) >= MAX_LINKS:
+        if peer in self.node.banned or self.dropped.get(peer, 0) > now or len(self.links) >= MAX_LINKS:
             await _reset(stream)
             return
         opener = self.node.peer_id if initiator else peer
@@ -654,8 +655,10 @@ class ModelSwarm:
                     self._ban(peer, f"sent block {block} that does not match its digest")
                     return
             self._verified(peer, block, len(data), completed)
-        except (BadManifest, OSError) as e:
+        except BadManifest as e:
             self.fail(SwarmFailed(f"cannot store {self.model.folder}: {e}"))
+        except OSError as e:  # a full disk, say: one plain line, and the verified blocks stay for a rerun
+            self.fail(SwarmFailed(f"cannot write into {self.model.folder}: {e.strerror or e}"))
         finally:
             self._verify_slots.release()
 
@@ -759,13 +762,12 @@ class ModelSwarm:
 
     def _ban(self, peer: ID, why: str) -> None:
         log.warning("banning peer %s: %s", peer, why)
-        self.banned.add(peer)
         self.stats.bad_peers.add(str(peer))
         self.emit({"event": "bad_peer", "peer": str(peer), "reason": why})
         link = self.links.get(peer)
         if link is not None:
             link.scope.cancel()
-        self.node.banned.add(peer)
+        self.node.ban(peer, why)
 
     def _drop(self, link: PeerLink, why: str) -> None:
         log.info("dropping peer %s: %s", link.peer, why)

@@ -8,7 +8,7 @@ any host is made (`node.host.make_host`). The tests in
 
 from __future__ import annotations
 
-from . import yamux
+from . import connections, kad, streams, yamux
 
 _applied = False
 
@@ -18,4 +18,7 @@ def apply_all() -> None:
     if _applied:
         return
     yamux.apply()
+    kad.apply()
+    connections.apply()
+    streams.apply()
     _applied = True

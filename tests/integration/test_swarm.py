@@ -197,7 +197,8 @@ async def test_one_stream_carries_pipelined_requests_answered_in_order(tmp_path:
         whole = fr.open_folder(folder).fragment_path(manifest.fragments[1]).read_bytes()
         assert await session.read_data(20) == whole[10:30]
         assert (await session.read_have()).count == len(manifest.fragments)
-        assert seed.server.active == {str(client.peer_id): 1}  # all of it on one stream
+        assert seed.server.open_streams == {str(client.peer_id): 1}  # all of it on one stream
+        assert not seed.server.active  # an idle stream holds no upload slot
         assert client.peer_id in seed.server.askers[model.cid]  # a puller of this model, to tell other pullers
         await session.close()
 
