@@ -21,7 +21,7 @@ from .assemble import assemble
 from .errors import FragmenterError
 from .folder import verify_folder
 from .fragment import DEFAULT_CHUNK_SIZE, fragment_model
-from .gguf_header import parse_header
+from .gguf_header import check_tensor_data, parse_header
 from .progress import ProgressBar, human_bytes
 from .rebuild import rebuild_manifest
 from .tensors import validate_folder
@@ -169,6 +169,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         with open(path, "rb") as f:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 header = parse_header(m)
+                check_tensor_data(header, len(m))  # a cut-short model is refused, as llama.cpp does
                 Path(args.folder).mkdir(parents=True, exist_ok=True)
                 names = write_tokenizer_files(header, Path(args.folder))
     except (OSError, ValueError) as e:

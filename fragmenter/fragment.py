@@ -27,7 +27,7 @@ from protocol.cid import cid_of
 from .errors import FragmenterError, GGUFFormatError
 from .fsio import open_staging_folder
 from .gguf_header import GGUFHeader, parse_header
-from .manifest import HEADER_NAME, MANIFEST_NAME, build_manifest, fragment_entry, serialize
+from .manifest import HEADER_NAME, MANIFEST_NAME, MAX_ALIGNMENT, build_manifest, fragment_entry, serialize
 from .plan import plan_file
 from .tokenizer import write_tokenizer_files
 
@@ -130,6 +130,10 @@ def fragment_model(
             raise GGUFFormatError(f"{gguf_path}: empty file, not a GGUF model")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as header_map:
             header = parse_header(header_map)
+            if header.alignment > MAX_ALIGNMENT:  # valid GGUF, but a manifest we would write and then refuse
+                raise GGUFFormatError(
+                    f"{gguf_path}: alignment {header.alignment} is larger than the {MAX_ALIGNMENT} a manifest allows"
+                )
             plan = plan_file(header, file_size, chunk_size)
             try:
                 with open_staging_folder(Path(output), force) as staging, _Reader(f, progress, file_size) as reader:

@@ -30,6 +30,11 @@ from .gguf_spec import (
 # Sanity caps, so a corrupt length field fails fast instead of allocating.
 _MAX_DIMS = 8
 _MAX_STRING = 1 << 30
+# Fewest bytes a metadata pair (key of >= 1 byte, type, 1-byte value) and a
+# tensor info (empty name, no dims, type, offset) can take: a count that cannot
+# fit in the buffer is refused before any loop runs.
+_MIN_KV_BYTES = 8 + 1 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -189,28 +194,38 @@ class _Cursor:
 def parse_header(buf: Any) -> GGUFHeader:
     """Parse the GGUF header at the start of `buf` (bytes, mmap or memoryview).
 
-    `buf` may be the whole model or just `gguf_header.dat`. Raises
+    `buf` may be the whole model or just `gguf_header.dat`. Accepts what
+    llama.cpp's `gguf_init_from_reader` (ggml/src/gguf.cpp) accepts; raises
     GGUFFormatError with a one-line reason on anything malformed.
     """
     c = _Cursor(buf)
     if c.size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
         raise GGUFFormatError("not a GGUF file (bad magic)")
     c.pos = 4
-    version = c.u32("version")
-    if version not in SUPPORTED_VERSIONS:
-        raise GGUFFormatError(f"unsupported GGUF version {version} (supported: 2, 3)")
+    version = _check_version(c.u32("version"))
     n_tensors = c.u64("tensor count")
     n_kv = c.u64("metadata count")
-    if n_tensors > 1 << 24 or n_kv > 1 << 24:
-        raise GGUFFormatError("corrupt GGUF header: absurd tensor or metadata count")
+    # A count that cannot fit in the buffer is corrupt (or the file is cut short);
+    # llama.cpp has no smaller cap than that (gguf.cpp: n_tensors, n_kv in [0, SIZE_MAX/...]).
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > c.size - c.pos:
+        raise GGUFFormatError(
+            f"corrupt or truncated GGUF header: {n_tensors} tensors and {n_kv} metadata keys "
+            f"cannot fit in {c.size} bytes"
+        )
 
     metadata: dict[str, Any] = {}
     types: dict[str, ValueType] = {}
     for i in range(n_kv):
         key = c.string(f"metadata key #{i}")
+        # llama.cpp refuses empty and repeated keys (gguf.cpp, "is empty" / "duplicate key").
+        if not key:
+            raise GGUFFormatError(f"corrupt GGUF header: metadata key #{i} is empty")
+        if key in metadata:
+            raise GGUFFormatError(f"corrupt GGUF header: duplicate metadata key {key!r}")
         vtype = c.value_type(key)
         metadata[key] = c.value(vtype, key)
         types[key] = vtype
+    alignment = _alignment(metadata, types)
 
     tensors: list[TensorInfo] = []
     for i in range(n_tensors):
@@ -229,20 +244,70 @@ def parse_header(buf: Any) -> GGUFHeader:
             raise GGUFFormatError(f"tensor {name} has unsupported type {ggml_type.name}")
         offset = c.u64(f"offset of {name}")
         info = TensorInfo(name, dims, ggml_type, offset, position)
-        if dims and dims[0] % info.block_size:
-            raise GGUFFormatError(f"tensor {name}: row of {dims[0]} is not a multiple of the {ggml_type.name} block")
+        row = dims[0] if dims else 1  # a 0-dimensional tensor has one element (ggml: ne[0] = 1)
+        if row % info.block_size:
+            raise GGUFFormatError(f"tensor {name}: row of {row} is not a multiple of the {ggml_type.name} block")
         tensors.append(info)
-
-    alignment = metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFFormatError(f"corrupt GGUF header: alignment {alignment!r} is not a power of two")
-    data_start = align(c.pos, alignment)
-    if data_start > c.size:
-        raise GGUFFormatError("truncated GGUF header: padding before tensor data runs past the end")
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise GGUFFormatError("corrupt GGUF header: duplicate tensor names")
+
+    if tensors:
+        # Tensor data starts at the next multiple of the alignment, which must lie
+        # within the file (gguf.cpp: `n_tensors > 0 && !gr.seek(... GGML_PAD(...))`).
+        data_start = align(c.pos, alignment)
+        if data_start > c.size:
+            raise GGUFFormatError(
+                f"truncated GGUF: the file ends at byte {c.size}, before its tensor data (at byte {data_start})"
+            )
+    else:
+        # No tensors: llama.cpp skips that seek, so the padding is optional (its
+        # ggml-vocab-*.gguf files end right after the metadata). Whatever padding
+        # there is stays in the header, so files that have it are cut as before.
+        data_start = min(align(c.pos, alignment), c.size)
     return GGUFHeader(version, metadata, types, tensors, alignment, data_start)
+
+
+def _check_version(version: int) -> int:
+    """The versions llama.cpp reads (gguf.cpp, `gguf_init_from_reader`): 2 and 3;
+    v2 and v3 lay out little-endian files identically."""
+    if version in SUPPORTED_VERSIONS:
+        return version
+    if version == 1:
+        raise GGUFFormatError(
+            "GGUF v1 is not supported (llama.cpp dropped it too): convert the model again with a current llama.cpp"
+        )
+    if version and version & 0xFFFF == 0:  # e.g. 3 written big-endian reads as 0x03000000
+        raise GGUFFormatError(
+            f"unsupported GGUF version {version:#010x}: a big-endian file? (only little-endian GGUF is supported)"
+        )
+    raise GGUFFormatError(f"unsupported GGUF version {version} (supported: 2, 3)")
+
+
+def _alignment(metadata: dict[str, Any], types: dict[str, ValueType]) -> int:
+    """`general.alignment`, as llama.cpp requires it: a uint32 that is a power of two."""
+    if ALIGNMENT_KEY not in metadata:
+        return DEFAULT_ALIGNMENT
+    if types[ALIGNMENT_KEY] != ValueType.UINT32:
+        raise GGUFFormatError(
+            f"corrupt GGUF header: {ALIGNMENT_KEY} must be a uint32, not {types[ALIGNMENT_KEY].name.lower()}"
+        )
+    alignment = int(metadata[ALIGNMENT_KEY])
+    if alignment == 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"corrupt GGUF header: {ALIGNMENT_KEY} {alignment} is not a power of two")
+    return alignment
+
+
+def check_tensor_data(header: GGUFHeader, file_size: int) -> None:
+    """Refuse a model whose tensor data runs past the end of the file, as
+    llama.cpp's loader does even for a vocab-only load (llama-model-loader.h,
+    `llama_tensor_weight`: "data is not within the file bounds")."""
+    for t in header.tensors:
+        end = header.data_start + t.offset + t.n_bytes
+        if end > file_size:
+            raise GGUFFormatError(
+                f"tensor {t.name} runs past the end of the file ({end} > {file_size} bytes): truncated?"
+            )
 
 
 def align(n: int, alignment: int) -> int:

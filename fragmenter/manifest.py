@@ -39,6 +39,10 @@ _SMALL_ARRAY = 64  # arrays longer than this are summarized; they live in the he
 # request counts explode, larger ones make a corrupt block expensive to refetch.
 MIN_BLOCK_SIZE = 16 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
+# The largest alignment a manifest may declare: `_check_layout` lets a file hold
+# up to alignment * (fragments + 1) bytes of zero padding, so this bounds how much
+# a manifest can inflate a download. GGUF allows any power of two up to 2**31.
+MAX_ALIGNMENT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,7 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
                     raise ValueError(f"missing {key}")
             _number(raw["file_size"], "file_size")
             _hex(raw["file_sha256"], 64, "file_sha256")
-            if not 1 <= _number(raw["alignment"], "alignment") <= 1 << 24:
+            if not 1 <= _number(raw["alignment"], "alignment") <= MAX_ALIGNMENT:
                 raise ValueError("alignment out of range")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed manifest ({e})") from None

@@ -22,7 +22,15 @@ from .errors import FragmentError, ManifestError
 from .folder import READ_SIZE
 from .fsio import open_staging_file
 from .gguf_header import TensorInfo, align, parse_header
-from .manifest import HEADER_NAME, MANIFEST_NAME, build_manifest, fragment_entry, load_manifest_json, serialize
+from .manifest import (
+    HEADER_NAME,
+    MANIFEST_NAME,
+    MAX_ALIGNMENT,
+    build_manifest,
+    fragment_entry,
+    load_manifest_json,
+    serialize,
+)
 from .naming import FRAGMENT_FILE, tensor_role
 from .plan import ShardPlan
 
@@ -42,6 +50,10 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
     except OSError:
         raise ManifestError(f"{path}: no readable {HEADER_NAME}") from None
     header = parse_header(header_bytes)
+    if header.alignment > MAX_ALIGNMENT:  # a manifest with it would be refused on reading
+        raise ManifestError(
+            f"{path}: alignment {header.alignment} is larger than the {MAX_ALIGNMENT} a manifest allows"
+        )
     old = _old_manifest(path)
     groups = _group_dat_files(path)
     model = old.get("model_name") or _common_model_name(groups) or path.name

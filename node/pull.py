@@ -191,7 +191,9 @@ async def _holders_among(node: Node, model_cid: str, peers: list[ID]) -> list[ID
         try:
             with trio.fail_after(5):
                 have = await request_have(node.host, peer, HaveRequest(model_cid))
-            if any(have.bitfield):
+            # A model without tensors (a vocabulary-only GGUF) has no fragments, only
+            # its header: a peer that knows the model is then a holder with no bits set.
+            if have.count == 0 or any(have.bitfield):
                 holders.append(peer)
         except Exception:
             pass  # not a holder, or unreachable

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.gguf_factory import MIXED, write_model
+from tests.vocab import llama_cpp_vocab_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # copied from shared/fixtures (llama.cpp token ids)
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -42,6 +43,13 @@ def gemma_folder(gemma_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("gemma-frag") / "gemma"
     fragment_model(gemma_model, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def llama_vocab_dir() -> Path:
+    """llama.cpp's models/ggml-vocab-*.gguf (pinned llama-cpp-python sdist, fetched
+    once into a cache folder); the tests that use it skip without network."""
+    return llama_cpp_vocab_dir()
 
 
 def copy_folder(src: Path, dst: Path) -> Path:

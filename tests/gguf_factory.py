@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -66,15 +67,8 @@ def tensor_bytes(qtype: T, shape: tuple[int, ...], rng: np.random.Generator) -> 
     return quantize(values, qtype)
 
 
-def write_model(
-    path: Path,
-    tensors: list[tuple[str, T, tuple[int, ...]]],
-    seed: int = 0,
-    vocab: bool = True,
-    alignment: int | None = None,
-    arch: str = "llama",
-) -> Path:
-    rng = np.random.default_rng(seed)
+def _writer(path: Path, arch: str, vocab: bool, alignment: int | None) -> gguf.GGUFWriter:
+    """A writer holding the metadata every test model has."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(2)
     w.add_embedding_length(64)
@@ -93,6 +87,41 @@ def write_model(
         w.add_unk_token_id(3)
         w.add_add_bos_token(True)
         w.add_add_space_prefix(False)
+    return w
+
+
+def write_vocab_only(path: Path, alignment: int | None = None, padded: bool = False) -> Path:
+    """A GGUF with metadata and no tensors, like llama.cpp's models/ggml-vocab-*.gguf:
+    by default it ends right after the metadata, with no alignment padding."""
+    w = _writer(path, "llama", True, alignment)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    if padded:
+        w.write_tensors_to_file()  # no tensor infos, then padding to the alignment
+    else:
+        w.write_ti_data_to_file()
+    w.close()
+    return path
+
+
+def set_version(path: Path, version: int) -> Path:
+    """Patch the version field (bytes 4..8) in place: v2 and v3 files differ only there."""
+    data = bytearray(path.read_bytes())
+    data[4:8] = struct.pack("<I", version)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def write_model(
+    path: Path,
+    tensors: list[tuple[str, T, tuple[int, ...]]],
+    seed: int = 0,
+    vocab: bool = True,
+    alignment: int | None = None,
+    arch: str = "llama",
+) -> Path:
+    rng = np.random.default_rng(seed)
+    w = _writer(path, arch, vocab, alignment)
     for name, qtype, shape in tensors:
         data = tensor_bytes(qtype, shape, rng)
         raw_dtype = None if qtype in (T.F32, T.F16) else qtype

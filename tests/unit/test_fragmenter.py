@@ -18,7 +18,7 @@ import fragmenter as fr
 from protocol.blocks import BLOCK_SIZE, block_digests, block_root
 from protocol.cid import cid_of
 from tests.conftest import sha256_file
-from tests.gguf_factory import MIXED, write_model
+from tests.gguf_factory import MIXED, set_version, write_model, write_vocab_only
 
 
 @pytest.mark.parametrize("chunk", [256, 1000, 1024, 10 * 1024 * 1024])
@@ -126,11 +126,54 @@ def test_non_zero_padding_and_trailing_bytes_survive(small_model: Path, tmp_path
     assert (tmp_path / "back.gguf").read_bytes() == bytes(data)
 
 
-def test_alignment_other_than_32(tmp_path: Path) -> None:
-    model = write_model(tmp_path / "a64.gguf", MIXED[:4], alignment=64)
+@pytest.mark.parametrize("alignment", [1, 64])
+def test_alignment_other_than_32(tmp_path: Path, alignment: int) -> None:
+    model = write_model(tmp_path / "a.gguf", MIXED[:4], alignment=alignment)
     fr.fragment_model(model, tmp_path / "frag", chunk_size=512)
+    assert fr.read_manifest(tmp_path / "frag").alignment == alignment
     fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
     assert sha256_file(tmp_path / "back.gguf") == sha256_file(model)
+
+
+def test_gguf_v2_round_trip(tmp_path: Path) -> None:
+    model = set_version(write_model(tmp_path / "v2.gguf", MIXED), 2)
+    fr.fragment_model(model, tmp_path / "frag", chunk_size=1024)
+    assert fr.read_manifest(tmp_path / "frag").raw["gguf_version"] == 2
+    fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
+    assert sha256_file(tmp_path / "back.gguf") == sha256_file(model)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_model_without_tensors_is_a_header_only_folder(tmp_path: Path, padded: bool) -> None:
+    # The manifest format holds it: no fragments, and at most one alignment of
+    # padding outside the header (manifest._check_layout).
+    model = write_vocab_only(tmp_path / "vocab.gguf", padded=padded)
+    result = fr.fragment_model(model, tmp_path / "frag")
+    assert result.fragments == 0 and result.tokenizer_files == ["tokenizer.json", "tokenizer.model"]
+    manifest = fr.read_manifest(tmp_path / "frag")
+    assert manifest.fragments == [] and manifest.header_size == manifest.file_size == model.stat().st_size
+    assert fr.verify_folder(tmp_path / "frag").ok and fr.validate_folder(tmp_path / "frag").ok
+    fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
+    assert sha256_file(tmp_path / "back.gguf") == sha256_file(model)
+    cid, n = fr.rebuild_manifest(tmp_path / "frag")
+    assert (cid, n) == (result.model_cid, 0)
+
+
+def test_an_alignment_no_manifest_may_hold_is_refused(tmp_path: Path) -> None:
+    model = write_vocab_only(tmp_path / "vocab.gguf", alignment=1 << 25)  # valid GGUF: no tensors, no padding
+    assert fr.parse_header(model.read_bytes()).alignment == 1 << 25
+    with pytest.raises(fr.GGUFFormatError, match="alignment 33554432 is larger than the 16777216 a manifest allows"):
+        fr.fragment_model(model, tmp_path / "frag")
+    assert not (tmp_path / "frag").exists()
+
+
+def test_a_model_cut_before_its_tensor_data_is_refused(small_model: Path, tmp_path: Path) -> None:
+    data = small_model.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: fr.parse_header(data).data_start])
+    with pytest.raises(fr.GGUFFormatError, match="runs past the end of the file .*: truncated"):
+        fr.fragment_model(cut, tmp_path / "frag")
+    assert not (tmp_path / "frag").exists()
 
 
 def test_load_tensor_equals_dequantizing_the_original(small_model: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 import fragmenter as fr
-from tests.gguf_factory import MIXED, write_model
+from node.cli import main
+from tests.gguf_factory import MIXED, write_model, write_vocab_only
 
 
 @pytest.fixture
@@ -40,3 +41,23 @@ def test_model_without_vocabulary_writes_no_tokenizer(tmp_path: Path) -> None:
     result = fr.fragment_model(model, tmp_path / "frag")
     assert result.tokenizer_files == []
     assert not (tmp_path / "frag" / "tokenizer.json").exists()
+
+
+def test_tokenizer_command_on_a_vocabulary_only_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vocab = write_vocab_only(tmp_path / "vocab.gguf")  # no tensors, no padding after the metadata
+    assert main(["tokenizer", str(vocab), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == "wrote tokenizer.json, tokenizer.model"
+    fr.fragment_model(write_model(tmp_path / "m.gguf", MIXED[:2]), tmp_path / "frag")
+    for name in ("tokenizer.json", "tokenizer.model"):  # the same vocabulary, the same files
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "frag" / name).read_bytes()
+
+
+@pytest.mark.parametrize("cut", ["inside the padding", "before the tensor data"])
+def test_tokenizer_command_refuses_a_cut_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], cut: str) -> None:
+    data = write_model(tmp_path / "m.gguf", MIXED).read_bytes()
+    start = fr.parse_header(data).data_start
+    (tmp_path / "cut.gguf").write_bytes(data[: start - 1 if cut == "inside the padding" else start])
+    assert main(["tokenizer", str(tmp_path / "cut.gguf"), str(tmp_path / "out")]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and ("before its tensor data" in line or "runs past the end of the file" in line)
+    assert not (tmp_path / "out").exists()
