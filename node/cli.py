@@ -7,6 +7,7 @@ down as a NodeConfig; nothing below reads files or the environment.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import math
@@ -32,13 +33,24 @@ from protocol import is_cid
 
 from .config import DEFAULT_LISTEN, node_config, read_config_file
 from .host import NodeError
+from .metrics import parse_metrics_addr
 from .node import Node, NodeConfig, open_node
 from .pull import PullOptions, pull_model
 from .store import Store
 
 
-def load_config(args: argparse.Namespace) -> NodeConfig:
+def version() -> str:
+    try:
+        return importlib.metadata.version("gguf-swarm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def load_config(args: argparse.Namespace, default_data_dir: str | None = None) -> NodeConfig:
+    """The config file, flags over it; `default_data_dir` if neither names a data dir."""
     doc = read_config_file(args.config) if args.config else {}
+    if default_data_dir is not None and not args.data_dir and not doc.get("node", {}).get("data_dir"):
+        args.data_dir = default_data_dir
     config = node_config(doc, args, source=args.config or "flags")
     if args.upload_rate is not None:
         config.serve.upload_rate = args.upload_rate or None
@@ -57,6 +69,14 @@ def _seconds(text: str) -> float:
 
 def _rate(text: str) -> int:
     return 0 if text.strip() == "0" else parse_size(text)
+
+
+def _metrics_addr(text: str) -> str:
+    try:
+        parse_metrics_addr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("metrics: ")) from None
+    return text
 
 
 def _print_addrs(args: argparse.Namespace, node: Node) -> None:
@@ -93,11 +113,12 @@ async def _report_stats(node: Node, every: float = 5.0) -> None:
         print(json.dumps(event), flush=True)
 
 
-def _run_node(args: argparse.Namespace, body: Any) -> int:
+def _run_node(args: argparse.Namespace, body: Any, config: NodeConfig | None = None) -> int:
     async def main() -> int:
-        config = load_config(args)
-        async with open_node(config) as node:
+        async with open_node(config or load_config(args)) as node:
             _print_addrs(args, node)
+            if node.metrics_url:
+                emit(args, f"metrics {node.metrics_url}", event="metrics", url=node.metrics_url)
             return int(await body(node))
 
     try:
@@ -133,7 +154,7 @@ def _models_line(node: Node) -> list[dict[str, Any]]:
     ]
 
 
-def cmd_seed(args: argparse.Namespace) -> int:
+def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
     async def body(node: Node) -> int:
         for m in _models_line(node):
             emit(
@@ -145,13 +166,19 @@ def cmd_seed(args: argparse.Namespace) -> int:
         await _serve_forever(args, node)
         return 0
 
-    return _run_node(args, body)
+    return _run_node(args, body, config)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir or ".")
+    """Fragment into the data dir the node then serves: --data-dir, else the
+    config's data_dir, else the working directory."""
+    try:
+        config = load_config(args, default_data_dir=".")
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     model = Path(args.model)
-    folder = data_dir / model.stem
+    folder = config.data_dir / model.stem
     bar = progress_bar(args, "fragment")
     with sigterm_as_interrupt():
         result = fragment_model(model, folder, args.chunk_size, args.force, bar)
@@ -165,7 +192,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         folder=str(folder),
         fragments=result.fragments,
     )
-    return cmd_seed(args)
+    return cmd_seed(args, config)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -261,12 +288,19 @@ def _node_arguments(p: argparse.ArgumentParser, data_dir_required: bool = False)
         metavar="SIZE",
         help="cap on bytes served per second, all peers together (e.g. 50MB; 0: unlimited)",
     )
+    p.add_argument(
+        "--metrics",
+        type=_metrics_addr,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (a bare PORT: on 127.0.0.1)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gguf-swarm", description="Move GGUF models between machines, peer to peer.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_fragmenter_commands(sub)
     p = sub.add_parser("seed", help="serve every model in the data dir and keep them announced")

@@ -15,12 +15,13 @@ from typing import Any
 from fragmenter.cli import parse_size
 
 from .host import NodeError, PeerLimits
+from .metrics import parse_metrics_addr
 from .node import NodeConfig
 from .server import ServeLimits
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 _KEYS = {
-    "node": {"data_dir", "listen", "bootstrap"},
+    "node": {"data_dir", "listen", "bootstrap", "metrics"},
     "serve": {"unchoke_slots", "upload_slots", "upload_slots_per_peer", "upload_rate", "initial_seeding"},
     "fetch": {"requests_per_peer", "request_bytes_per_peer", "stall_timeout"},
     "peers": {"max_connections", "high_watermark", "low_watermark", "streams_per_peer"},
@@ -49,6 +50,7 @@ def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "co
     if not data_dir:
         raise NodeError("--data-dir is required (or data_dir in the config file)")
     limits, defaults = ServeLimits(), NodeConfig(Path())
+    metrics = getattr(args, "metrics", None) or node.get("metrics")
     try:
         return NodeConfig(
             data_dir=Path(data_dir).expanduser(),
@@ -71,6 +73,7 @@ def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "co
                 outbound_reserve=min(peer_limits.outbound_reserve, low),
                 inbound_streams_per_conn=_positive(peers.get("streams_per_peer", peer_limits.inbound_streams_per_conn)),
             ),
+            metrics=parse_metrics_addr(metrics) if metrics else None,
         )
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise NodeError(f"bad value in {source}: {e}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from .host import (
     parse_multiaddr,
     parse_peer_addr,
 )
+from .metrics import serve_metrics
 from .server import FragmentServer, ServeLimits
 from .standing import BanList
 from .store import LocalModel, Store
@@ -64,6 +65,7 @@ class NodeConfig:
     # silently; its default of 10 would lose most fragment announcements).
     provider_rate_max: int = 1000
     peers: PeerLimits = field(default_factory=PeerLimits)  # connections and inbound streams peers can make us hold
+    metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus /metrics on; None: not served
 
 
 class Node:
@@ -83,6 +85,7 @@ class Node:
         self._swarm_lock = trio.Lock()
         self.banned = server.banned  # sent bad data or broke the protocol: refused by every protocol for a while
         self.nursery: trio.Nursery  # set by open_node; swarms live in it
+        self.metrics_url: str | None = None  # where /metrics is served (config.metrics), once bound
 
     # ---- swarms ------------------------------------------------------------
 
@@ -269,7 +272,10 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     if model.complete:
                         node.announce_model(model)
                 try:
-                    yield node
+                    async with AsyncExitStack() as stack:
+                        if config.metrics is not None:
+                            node.metrics_url = await stack.enter_async_context(serve_metrics(node, *config.metrics))
+                        yield node
                 finally:
                     server.stop()  # handlers run in libp2p's nursery: cancel them ourselves
                 nursery.cancel_scope.cancel()

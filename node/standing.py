@@ -49,6 +49,11 @@ class BanList:
     def __len__(self) -> int:
         return len(self._until)
 
+    def active(self, now: float | None = None) -> int:
+        """Peers banned right now (expired bans are forgotten first)."""
+        self._expire(time.monotonic() if now is None else now)
+        return len(self._until)
+
     def _expire(self, now: float) -> None:
         for peer in [p for p, until in self._until.items() if until <= now]:
             self._forget(peer)

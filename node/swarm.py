@@ -95,6 +95,7 @@ WRITE_STALL = 60.0  # a peer that takes none of our bytes this long is dropped
 class SwarmStats:
     bytes_fetched: int = 0
     blocks_fetched: int = 0
+    blocks_rejected: int = 0  # received, but did not match their digest
     bytes_by_peer: dict[str, int] = field(default_factory=dict)
     bad_peers: set[str] = field(default_factory=set)
     bytes_uploaded: int = 0
@@ -651,6 +652,7 @@ class ModelSwarm:
                 # One hop to a worker thread per block (handing work to threads showed up in profiles).
                 completed = await trio.to_thread.run_sync(self.blocks.check_and_write, block, data)
                 if completed is None:
+                    self.stats.blocks_rejected += 1
                     picker.rejected(peer, block)
                     self._ban(peer, f"sent block {block} that does not match its digest")
                     return

@@ -140,3 +140,16 @@ def test_sigterm_while_fragmenting_leaves_no_staging_folder(tmp_path: Path) -> N
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "Traceback" not in err
     assert not list(tmp_path.glob(".out.partial-*")) and not out.exists()
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    proc = gguf_swarm("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gguf-swarm {version('gguf-swarm')}"
+
+
+def test_bad_metrics_address(tmp_path: Path) -> None:
+    proc = gguf_swarm("seed", "--data-dir", str(tmp_path / "d"), "--metrics", "127.0.0.1:http")
+    assert proc.returncode == 2 and "argument --metrics: expected HOST:PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -146,3 +146,64 @@ def test_config_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert_one_line_error(proc, "bad value")
     proc = gguf_swarm("seed", "--data-dir", str(tmp_path / "d"), *LISTEN, "--upload-rate", "lots")
     assert proc.returncode == 2 and "not a size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_publish_fragments_into_the_configs_data_dir(tmp_path: Path) -> None:
+    from tests.gguf_factory import MIXED, write_model
+    from tests.integration.test_metrics import scrape_sync, value
+
+    model = write_model(tmp_path / "tiny.gguf", MIXED)
+    data, cwd = tmp_path / "served", tmp_path / "cwd"
+    cwd.mkdir()
+    config = tmp_path / "seed.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{data}"\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nmetrics = "127.0.0.1:0"\n'
+        '[serve]\nupload_rate = "10MB"\n'
+    )
+    proc = subprocess.Popen(
+        [*CLI, "publish", str(model), "--config", str(config), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert proc.stdout is not None
+        seen: dict[str, dict] = {}
+        for line in proc.stdout:
+            event = json.loads(line)
+            seen[event["event"]] = event
+            if event["event"] == "serving":
+                break
+        assert "serving" in seen, proc.stderr.read() if proc.poll() is not None else seen
+        published = seen["published"]
+        assert published["folder"] == str(data / "tiny")
+        assert seen["serving"]["model_cid"] == published["model_cid"] and seen["serving"]["complete"]
+        assert (data / "tiny" / "manifest.json").exists() and fr.verify_folder(data / "tiny").ok
+        assert list(cwd.iterdir()) == []  # nothing fragmented into the working directory
+        metrics = scrape_sync(seen["metrics"]["url"])  # [node] metrics from the same config
+        labels = {"model": published["model_cid"], "name": "tiny"}
+        assert value(metrics, "gguf_swarm_fragments_held", **labels) == published["fragments"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0
+
+
+def test_publish_bad_input_is_one_line(tmp_path: Path) -> None:
+    from tests.gguf_factory import MIXED, write_model
+
+    model = write_model(tmp_path / "tiny.gguf", MIXED)
+    config = tmp_path / "seed.toml"
+    config.write_text('[node]\ndata_dir = "served"\nmetrics = "everywhere"\n')
+    assert_one_line_error(gguf_swarm("publish", str(model), "--config", str(config)), "metrics: expected HOST:PORT")
+    assert not (tmp_path / "served").exists()  # a bad config is reported before anything is fragmented
+    proc = gguf_swarm("publish", str(tmp_path / "missing.gguf"), "--data-dir", str(tmp_path / "d"), *LISTEN)
+    assert_one_line_error(proc, "cannot read")
+    assert_one_line_error(
+        gguf_swarm("publish", str(model), "--config", str(tmp_path / "nope.toml")), "cannot read config"
+    )

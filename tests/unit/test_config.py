@@ -71,3 +71,15 @@ def test_bad_values_are_errors(doc: dict[str, object]) -> None:
 def test_data_dir_is_required() -> None:
     with pytest.raises(NodeError, match="--data-dir is required"):
         node_config({}, flags())
+
+
+def test_metrics_address_file_then_flag() -> None:
+    assert node_config({}, flags(data_dir="d")).metrics is None  # not served unless asked for
+    doc = {"node": {"metrics": "127.0.0.1:9100"}}
+    assert node_config(doc, flags(data_dir="d")).metrics == ("127.0.0.1", 9100)
+    assert node_config(doc, flags(data_dir="d", metrics="9200")).metrics == ("127.0.0.1", 9200)
+    assert node_config({}, flags(data_dir="d", metrics="0.0.0.0:9100")).metrics == ("0.0.0.0", 9100)
+    assert node_config({"node": {"metrics": 9100}}, flags(data_dir="d")).metrics == ("127.0.0.1", 9100)
+    for bad in ("everywhere", "localhost:", True, ["127.0.0.1:9100"]):
+        with pytest.raises(NodeError, match="bad value.*HOST:PORT"):
+            node_config({"node": {"metrics": bad}}, flags(data_dir="d"))
