@@ -14,7 +14,8 @@ Why blocks and not just whole fragments: blocks are picked rarest first, in
 random order, so when a pull stops most of its fragments are partly there.
 
 Serving re-checks what it reads: a complete file is hashed whole before it is
-first served, and every block read to send is hashed again against its
+first served (unless the store's saved record shows it unchanged since it was,
+see verified_state.py), and every block read to send is hashed again against its
 digest, so a block that rots on disk after that (~1 ms per MiB) is refused,
 not sent; the file is then dropped (logged, no longer offered).
 
@@ -161,10 +162,16 @@ class ModelBlocks:
         if not self.file_complete(k):
             return None
         spec = self.specs[k]
+        path = self.model.folder / spec.name
+        known = self._known_digests(k, path)
+        if known is not None:
+            self.digests[k] = known
+            return known
         try:
-            data = (self.model.folder / spec.name).read_bytes()
+            data = path.read_bytes()
         except OSError:
             data = b""
+        self.store.count_hashed(len(data))
         digests = block_digests(data, self.layout.block_size)
         whole_ok = len(data) == spec.size and spec.matches(hashlib.sha256(data).hexdigest())
         if not whole_ok or block_root(digests) != spec.root:
@@ -172,9 +179,17 @@ class ModelBlocks:
             self._drop_file(k)
             return None
         self.digests[k] = digests
-        # v1 requests for it need not hash it whole again
-        self.store.mark_verified(self.model.folder / spec.name, self.layout.block_size, digests)
+        # v1 requests, and the next start (the record is saved), need not hash it whole again
+        self.store.mark_verified(path, self.layout.block_size, digests)
         return digests
+
+    def _known_digests(self, k: int, path: Path) -> bytes | None:
+        """File k's digests from the store's record, when the file is unchanged since it
+        was verified (a run ago, say) and they make its block root."""
+        record = self.store.verified_blocks(path)
+        if record is None or record[0] != self.layout.block_size or block_root(record[1]) != self.specs[k].root:
+            return None
+        return record[1]
 
     def read_block(self, block: int) -> bytes | None:
         """The bytes of a held block, checked against its digest as read; None when

@@ -272,6 +272,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             complete=m.complete,
             fragments=sum(m.have),
             total_fragments=len(m.have),
+            verified_files=store.verified_files(m),  # of fragments + header; per the saved record, nothing hashed
             folder=str(m.folder),
         )
     return 0

@@ -45,6 +45,9 @@ from .swarm import ModelSwarm
 
 log = logging.getLogger(__name__)
 REPUBLISH_SECONDS = 22 * 3600  # provider records expire after 48 h
+# How often verified-file records are saved: a crash loses at most this much
+# verification (those files are hashed again), and no fsync per file.
+VERIFIED_FLUSH_SECONDS = 5.0
 
 
 @dataclass
@@ -66,6 +69,8 @@ class NodeConfig:
     provider_rate_max: int = 1000
     peers: PeerLimits = field(default_factory=PeerLimits)  # connections and inbound streams peers can make us hold
     metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus /metrics on; None: not served
+    # The only republisher (py-libp2p's own is disabled: libp2p_patches/republish.py).
+    republish_seconds: float = REPUBLISH_SECONDS
 
 
 class Node:
@@ -194,7 +199,7 @@ class Node:
 
     async def _republisher(self) -> None:
         while True:
-            await trio.sleep(REPUBLISH_SECONDS)
+            await trio.sleep(self.config.republish_seconds)
             for model in list(self.store.models.values()):
                 self.announce_model(model)
 
@@ -268,6 +273,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node._announcer)
                 nursery.start_soon(manage_connections, host, config.peers.prune_interval)
                 nursery.start_soon(node._republisher)
+                nursery.start_soon(_flush_verified, store)
                 for model in store.models.values():
                     if model.complete:
                         node.announce_model(model)
@@ -284,6 +290,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         raise NodeError(f"cannot listen on {', '.join(config.listen)}: {e.strerror or e}") from None
     finally:
         await _close_host(host)  # without close() py-libp2p leaks a socket
+        store.flush_verified()  # the last batch (synchronous: we may be cancelled; one write per changed folder)
 
 
 class _BanGate(INotifee):
@@ -311,6 +318,13 @@ class _BanGate(INotifee):
 
     async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
         pass
+
+
+async def _flush_verified(store: Store) -> None:
+    """Save the records of newly verified files in batches (see store.py)."""
+    while True:
+        await trio.sleep(VERIFIED_FLUSH_SECONDS)
+        await trio.to_thread.run_sync(store.flush_verified)
 
 
 async def _disconnect(host: IHost, peer: ID) -> None:

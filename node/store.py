@@ -7,7 +7,12 @@ existing tool's (which have only 16-hex prefixes) from a cache keyed by file
 size and mtime, so nothing is re-hashed on every start. A file is hashed whole
 before it is first served; every later read hashes again the 1 MiB blocks it
 touches, against the digests recorded then, so bytes that rot on disk later
-(a bad sector, a stray write that kept the mtime) are never served. Hidden
+(a bad sector, a stray write that kept the mtime) are never served. That record
+is kept on disk per folder (verified_state.py), so a restart, or a re-pull of a
+model held, trusts unchanged files (same size, mtime and inode) without
+hashing them whole again; it is written in batches (`flush_verified`, every few
+seconds and at shutdown): a crash loses at most the last batch, which only
+means hashing those files again. Hidden
 files in a model folder: `.partial-*` are temporary (deleted at every start),
 `.resume-*` are a killed pull's verified blocks (see blockstore.py).
 Synchronous file work: the node calls it through `trio.to_thread`.
@@ -19,6 +24,8 @@ import hashlib
 import json
 import logging
 import os
+import stat
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +33,18 @@ from pathlib import Path
 from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.fsio import fsync_dir
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
-from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests
+from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.cid import cid_from_hex, cid_of, digest_of_cid
+
+from . import verified_state
+from .verified_state import BadState, FileRecord
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".gguf-swarm"
 _HASH_CACHE = "hash-cache.json"
 PARTIAL_PREFIX = ".partial-"
 RESUME_PREFIX = ".resume-"
+_VERIFIED_DIR = "verified"
 
 
 @dataclass
@@ -72,11 +83,15 @@ class Store:
     data_dir: Path
     models: dict[str, LocalModel] = field(default_factory=dict)
     _blobs: dict[str, list[tuple[LocalModel, int]]] = field(default_factory=dict)  # cid -> (model, index | -1)
-    # path -> (size, mtime_ns, block size, block digests) of a file checked against its full hash
-    _verified: dict[str, tuple[int, int, int, bytes]] = field(default_factory=dict)
+    # path -> record of a file checked against its full hash (kept on disk per folder: verified_state.py)
+    _verified: dict[str, FileRecord] = field(default_factory=dict)
+    _dirty: set[Path] = field(default_factory=set)  # folders whose record on disk is behind
+    hashed_bytes: int = 0  # bytes of complete files hashed whole to check them (tests and benchmarks read it)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        # Files are verified on worker threads while another flushes the records.
+        self._lock = threading.Lock()
 
     @property
     def state_dir(self) -> Path:
@@ -128,6 +143,7 @@ class Store:
             header_present=header_present,
         )
         self._index(model)
+        self._load_verified(model)
         return model
 
     def _index(self, model: LocalModel) -> None:
@@ -160,6 +176,7 @@ class Store:
                 record = self.verified_blocks(blob.path)
                 if record is None:
                     data = f.read()
+                    self.count_hashed(len(data))
                     if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.sha256:
                         return self._went_bad(blob)
                     self.mark_verified(blob.path, BLOCK_SIZE, block_digests(data))
@@ -181,7 +198,7 @@ class Store:
 
     def verified_blocks(self, path: Path) -> tuple[int, bytes] | None:
         """(block size, block digests) of this file if it was checked against its full
-        hash as it is now on disk (same size and mtime); else None."""
+        hash as it is now on disk (same size, mtime and inode); else None."""
         record = self._verified.get(str(path))
         if record is None:
             return None
@@ -189,8 +206,7 @@ class Store:
             st = os.stat(path)
         except OSError:
             return None
-        size, mtime_ns, block_size, digests = record
-        return (block_size, digests) if (st.st_size, st.st_mtime_ns) == (size, mtime_ns) else None
+        return (record.block_size, record.digests) if verified_state.signature(st) == record.signature else None
 
     def mark_verified(self, path: Path, block_size: int, digests: bytes) -> None:
         """`path` matched its full hash just now; `digests` are its blocks' (of
@@ -199,10 +215,90 @@ class Store:
             st = os.stat(path)
         except OSError:
             return  # gone meanwhile: it will be checked again if it comes back
-        self._verified[str(path)] = (st.st_size, st.st_mtime_ns, block_size, digests)
+        size, mtime_ns, ino = verified_state.signature(st)
+        record = FileRecord(path.name, size, mtime_ns, ino, block_size, digests)
+        with self._lock:
+            self._verified[str(path)] = record
+            self._dirty.add(path.parent)
 
     def forget_verified(self, path: Path) -> None:
-        self._verified.pop(str(path), None)
+        with self._lock:
+            if self._verified.pop(str(path), None) is not None:
+                self._dirty.add(path.parent)
+
+    def verified_files(self, model: LocalModel) -> int:
+        """Files of `model` checked whole (this run or, per the saved record, an earlier
+        one) and unchanged on disk since: those serve without being hashed whole again."""
+        names = [e.file_name for e in model.manifest.fragments] + [HEADER_NAME]
+        return sum(1 for name in names if self.verified_blocks(model.folder / name) is not None)
+
+    def count_hashed(self, n: int) -> None:
+        with self._lock:
+            self.hashed_bytes += n
+
+    # ---- the verified record on disk -------------------------------------
+
+    def _verified_path(self, folder: Path) -> Path | None:
+        # One file per model folder of the data dir (the only folders a node serves).
+        return self.state_dir / _VERIFIED_DIR / folder.name if folder.parent == self.data_dir else None
+
+    def _load_verified(self, model: LocalModel) -> None:
+        """Trust again the files of `model` unchanged since they were verified. A bad
+        state file is ignored (logged): its files are just hashed again."""
+        path = self._verified_path(model.folder)
+        if path is None:
+            return
+        expected = _expected_files(model.manifest)
+        min_block = min(BLOCK_SIZE, model.manifest.block_size or BLOCK_SIZE)
+        sizes = {name: size for name, (size, _) in expected.items()}
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise BadState("not a regular file")
+            if st.st_size > verified_state.max_bytes(model.cid, sizes, min_block):
+                raise BadState("larger than this model's record can be")
+            records = verified_state.decode(path.read_bytes(), model.cid)
+        except FileNotFoundError:
+            return
+        except (OSError, BadState) as e:
+            log.warning("ignoring verified-state file %s (its files will be hashed again): %s", path, e)
+            return
+        block_size = model.manifest.block_size or BLOCK_SIZE
+        folder = str(model.folder)  # plain strings: pathlib costs more than the stat, at 4,000 files
+        trusted = {}
+        for r in records:
+            path_str = os.path.join(folder, r.name)
+            if _trusted(path_str, r, expected.get(r.name), block_size):
+                trusted[path_str] = r
+        with self._lock:
+            self._verified.update(trusted)
+
+    def flush_verified(self) -> None:
+        """Write the records of the folders changed since the last flush (one atomic
+        write per folder). Never raises: a record not written costs only a re-hash."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            if not dirty:
+                return
+            by_folder: dict[str, list[FileRecord]] = {str(f): [] for f in dirty}
+            for key, record in self._verified.items():
+                records = by_folder.get(os.path.dirname(key))
+                if records is not None:
+                    records.append(record)
+        cids = {m.folder: m.cid for m in self.models.values()}
+        for folder_str, records in by_folder.items():
+            folder = Path(folder_str)
+            path = self._verified_path(folder)
+            if path is None or folder not in cids:
+                continue
+            try:
+                if records:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _write_atomic(path, verified_state.encode(cids[folder], sorted(records, key=lambda r: r.name)))
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("cannot save %s: %s", path, e)
 
     def _went_bad(self, blob: Blob) -> None:
         log.error("local file %s does not match its hash (changed on disk?); not serving it", blob.path)
@@ -304,6 +400,28 @@ def _cached_sha256(path: Path, cache: dict[str, list]) -> str:
     sha = _sha256_file(path)
     cache[key] = [st.st_size, st.st_mtime_ns, sha]
     return sha
+
+
+def _trusted(path: str, r: FileRecord, expected: tuple[int, str | None] | None, block_size: int) -> bool:
+    """A record is used only for a file of the manifest, of its size, unchanged on
+    disk, and whose digests make the manifest's block root (when it has one: the
+    record then cannot claim digests the manifest does not commit to)."""
+    if expected is None or expected[0] != r.size:
+        return False
+    try:
+        if verified_state.signature(os.stat(path)) != r.signature:
+            return False
+    except OSError:
+        return False
+    root = expected[1]
+    return root is None or (r.block_size == block_size and block_root(r.digests) == root)
+
+
+def _expected_files(manifest: Manifest) -> dict[str, tuple[int, str | None]]:
+    """name -> (size, block root or None) of every file of a model folder."""
+    files: dict[str, tuple[int, str | None]] = {e.file_name: (e.size, e.block_root) for e in manifest.fragments}
+    files[HEADER_NAME] = (manifest.header_size, manifest.header_block_root)
+    return files
 
 
 def _digest_hex(cid: str) -> str:

@@ -1,14 +1,15 @@
 """Small patches to py-libp2p 0.8.1, each closing one measured attack.
 
-Each submodule patches one upstream weakness, names the attack it stops, and
-could be sent upstream as it is. `apply_all()` is idempotent and runs before
-any host is made (`node.host.make_host`). The tests in
+Each submodule patches one upstream weakness, names the attack it stops (or,
+`republish`, the waste it ends), and could be sent upstream as it is.
+`apply_all()` is idempotent and runs before any host is made
+(`node.host.make_host`). The tests in
 `tests/integration/test_hostile_*.py` run each attack against a live node.
 """
 
 from __future__ import annotations
 
-from . import connections, kad, streams, yamux
+from . import connections, kad, republish, streams, tcp, yamux
 
 _applied = False
 
@@ -21,4 +22,6 @@ def apply_all() -> None:
     kad.apply()
     connections.apply()
     streams.apply()
+    republish.apply()
+    tcp.apply()
     _applied = True

@@ -1,4 +1,6 @@
-"""Yamux: a peer that sends beyond a stream's receive window loses the connection.
+"""Yamux: a receive window that holds, and window updates batched as go-yamux does.
+
+1. A peer that sends beyond a stream's receive window loses the connection.
 
 Attack (py-libp2p 0.8.1): DATA past the receive window is logged ("peer
 exceeded receive window") and buffered anyway. While a handler writes and does
@@ -10,6 +12,26 @@ setter, given a negative value, marks the connection as shutting down and
 raises; `Yamux.handle_incoming` then closes the connection even where
 upstream's own handler only logs the error. A stream can overshoot by at most
 one DATA frame (upstream caps frames at 16 MiB), once per connection.
+
+2. Window updates are sent once half the window has been read, not on every read.
+
+Flaw (py-libp2p 0.8.1): `YamuxStream.read` sends a WINDOW_UPDATE after nearly
+every read ("release on read"), so a receiver reading one 64 KiB frame at a
+time sends one encrypted update per frame. On loopback each is a socket send
+that costs the receiver ~0.25 ms (cProfile of a 253 MB pull: 6,724 sends,
+1.7 s, the largest single cost of the puller). Fix, go-yamux's rule
+(`sendWindowUpdate`): credit is returned only when at least half the target
+window has been consumed; the window still auto-tunes (doubling up to 16 MiB
+when updates come fast), so a fast stream soon sends one update per 8 MiB.
+
+3. A DATA frame fits one Noise message.
+
+Flaw (py-libp2p 0.8.1): Yamux cuts writes into frames of 64 KiB with their
+12-byte header, and Noise carries at most 65,519 plaintext bytes per message,
+so every full frame went out as two Noise messages, the second of 17 bytes:
+twice the encryptions, socket sends and reads per byte (a seed's cProfile:
+24,407 Noise messages and 9,470 socket sends for 253 MB). Fix: frames of at
+most 65,519 bytes, header included (any Yamux peer accepts smaller frames).
 """
 
 from __future__ import annotations
@@ -18,6 +40,7 @@ import logging
 from typing import Any
 
 import trio
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 log = logging.getLogger(__name__)
@@ -47,10 +70,26 @@ def _set_recv_window(stream: YamuxStream, value: int) -> None:
     stream.__dict__["_recv_window"] = value
 
 
+async def _batched_window_update(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        if delta <= 0 or delta < self.target_recv_window // 2:
+            return  # the peer still holds at least half a window of credit
+        self.recv_window += delta
+        delta += self._apply_autotune_epoch(buffered)
+    await self.send_window_update(delta, skip_lock=True)
+
+
+NOISE_MAX_PLAINTEXT = 65535 - 16  # a Noise transport message, less its Poly1305 tag
+
+
 def apply() -> None:
     if getattr(Yamux, "_gguf_swarm_window_patch", False):
         return
     YamuxStream.recv_window = property(_get_recv_window, _set_recv_window)  # type: ignore[assignment]
+    YamuxStream._auto_tune_and_send_window_update = _batched_window_update  # type: ignore[method-assign]
+    yamux_module.MAX_MESSAGE_SIZE = NOISE_MAX_PLAINTEXT  # read at call time by YamuxStream.write
     upstream_handle_incoming = Yamux.handle_incoming
 
     async def handle_incoming(self: Yamux, *args: Any, **kwargs: Any) -> None:

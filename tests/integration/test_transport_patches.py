@@ -1,0 +1,82 @@
+"""The two transport patches that cut per-byte work: buffered TCP reads and
+batched Yamux window updates (node/libp2p_patches/tcp.py, yamux.py)."""
+
+from __future__ import annotations
+
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+from node.host import connect, make_host, parse_peer_addr
+from node.libp2p_patches import apply_all
+from node.libp2p_patches.tcp import READ_AHEAD, buffered_bytes
+
+BULK = TProtocol("/gguf-swarm-test/bulk/1.0.0")
+
+
+async def test_buffered_tcp_reads_return_the_bytes_in_order_and_never_more_than_asked() -> None:
+    apply_all()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            server = await listeners[0].accept()
+            await server.send_all(payload)
+            await server.aclose()
+
+        nursery.start_soon(serve)
+        stream = TrioTCPStream(await trio.open_tcp_stream("127.0.0.1", port))
+        got = bytearray()
+        sizes = [2, 7, 65535, 1, None]
+        while len(got) < len(payload):
+            n = sizes[len(got) % len(sizes)]
+            data = await stream.read(n)
+            assert data and (n is None or len(data) <= n)
+            assert buffered_bytes(stream) <= READ_AHEAD
+            got += data
+        assert bytes(got) == payload
+        await stream.close()
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def test_a_bulk_stream_sends_few_window_updates() -> None:
+    size = 32 << 20
+    sender, receiver = make_host(create_new_key_pair()), make_host(create_new_key_pair())
+    listen = [parse_peer_addr("/ip4/127.0.0.1/tcp/0/p2p/" + str(sender.get_id())).addrs[0]]
+    updates = 0
+    upstream = YamuxStream.send_window_update
+
+    async def counted(self: YamuxStream, increment: int, skip_lock: bool = False) -> None:
+        nonlocal updates
+        updates += 1
+        await upstream(self, increment, skip_lock)
+
+    async def serve(stream) -> None:  # type: ignore[no-untyped-def]
+        chunk = bytes(1 << 20)
+        for _ in range(size >> 20):
+            await stream.write(chunk)
+        await stream.close()
+
+    YamuxStream.send_window_update = counted  # type: ignore[method-assign]
+    try:
+        async with sender.run(listen_addrs=listen), receiver.run(listen_addrs=listen):
+            sender.set_stream_handler(BULK, serve)
+            addr = f"{sender.get_addrs()[0]}/p2p/{sender.get_id()}"
+            await connect(receiver, parse_peer_addr(addr))
+            stream = await receiver.new_stream(sender.get_id(), [BULK])
+            received = 0
+            with trio.fail_after(60):
+                while received < size:
+                    received += len(await stream.read(1 << 20))
+            await sender.close()
+            await receiver.close()
+    finally:
+        YamuxStream.send_window_update = upstream  # type: ignore[method-assign]
+    # One update per frame read would be ~512; go-yamux's half-window rule with
+    # an auto-tuned window sends a few dozen.
+    assert updates < 100, updates
