@@ -67,3 +67,15 @@ def test_tokenizer_matches_llama_cpp(gemma_folder: Path, name: str) -> None:
         encode = lambda text: [2] + sp.encode(text)  # noqa: E731
     for case in cases:
         assert encode(case["text"]) == case["ids"], case["text"]
+
+
+def test_special_tokens_in_the_text_match_llama_cpp(gemma_folder: Path) -> None:
+    """Chat-template text: control tokens (<start_of_turn>, ...) are single ids, as with
+    llama.cpp's parse_special = true, and text with it off (ids from its llama-tokenize)."""
+    from tests.unit.test_llama_vocab import check_special_cases
+
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_file(str(gemma_folder / "tokenizer.json"))
+    check_special_cases(
+        tok, json.loads((FIXTURES / "llama-cpp-ids.json").read_text(encoding="utf-8"))["special"]["gemma3"]
+    )

@@ -4,16 +4,19 @@ writes its files or refuses its vocabulary type with one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import fragmenter as fr
 from node.cli import main
-from tests.conftest import sha256_file
+from tests.conftest import FIXTURES, sha256_file
 from tests.vocab import VOCAB_MODELS
 
-SUPPORTED = ("llama", "gpt2")  # the tokenizer.ggml.model values fragmenter/tokenizer.py writes files for
+# the tokenizer.ggml.model values fragmenter/tokenizer.py writes files for
+SUPPORTED = ("llama", "gpt2", "gemma4", "bert", "t5")
 NAMES = sorted(VOCAB_MODELS)
 
 
@@ -46,7 +49,8 @@ def test_tokenizer_command(
     model = VOCAB_MODELS[name]
     if model not in SUPPORTED:
         assert code == 1
-        assert stderr.splitlines() == [f"error: tokenizer model {model!r} is not supported (only 'llama' and 'gpt2')"]
+        supported = "only 'llama', 'gpt2', 'gemma4', 'bert' and 't5'"
+        assert stderr.splitlines() == [f"error: tokenizer model {model!r} is not supported ({supported})"]
         assert not list(out.glob("tokenizer.*"))
         return
     assert code == 0, stderr
@@ -67,3 +71,94 @@ def test_fragments_into_a_header_only_folder(llama_vocab_dir: Path, name: str, t
     assert fr.verify_folder(tmp_path / "frag").ok
     fr.assemble(tmp_path / "frag", tmp_path / "back.gguf")
     assert sha256_file(tmp_path / "back.gguf") == sha256_file(model)
+
+
+# ---- token ids: llama.cpp's own test vectors -----------------------------------------
+
+# llama.cpp's tests/test-tokenizer-0.cpp: `.inp` holds the texts separated by this line,
+# `.out` one line of space-separated ids per text, tokenized with add_special = false and
+# parse_special = false.
+_SEPARATOR = "\n__ggml_vocab_test__\n"
+NO_VECTORS = ("aquila", "baichuan", "gpt-neox", "nomic-bert-moe")  # no .inp/.out: see LLAMA_CPP_IDS["plain"]
+WITH_VECTORS = [n for n in NAMES if VOCAB_MODELS[n] in SUPPORTED and n not in NO_VECTORS]
+# Vocabularies whose written tokenizer.json is known to give other ids than llama.cpp
+# on some of its texts (name -> why); strict, so that a fix is noticed.
+KNOWN_DIFFERENT: dict[str, str] = {}
+
+
+def vectors(folder: Path, name: str) -> list[tuple[str, list[int]]]:
+    texts = (folder / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split(_SEPARATOR)
+    if texts[-1] == "":  # the file ends with a separator
+        texts.pop()
+    lines = (folder / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").splitlines()
+    assert len(texts) == len(lines) > 0
+    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines, strict=True)]
+
+
+def test_which_vocabularies_have_vectors(llama_vocab_dir: Path) -> None:
+    with_inp = {p.name.removeprefix("ggml-vocab-").removesuffix(".gguf.inp") for p in llama_vocab_dir.glob("*.inp")}
+    assert sorted(n for n in with_inp if VOCAB_MODELS[n] in SUPPORTED) == WITH_VECTORS
+
+
+def written_tokenizer(folder: Path, name: str, tmp_path: Path) -> Any:
+    tokenizers = pytest.importorskip("tokenizers")
+    fr.write_tokenizer_files(fr.parse_header(vocab_file(folder, name).read_bytes()), tmp_path)
+    return tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENT[n])) if n in KNOWN_DIFFERENT else n
+        for n in WITH_VECTORS
+    ],
+)
+def test_token_ids_match_llama_cpp(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
+    tok = written_tokenizer(llama_vocab_dir, name, tmp_path)
+    tok.encode_special_tokens = True  # parse_special = false: control tokens in the text are plain text
+    cases = vectors(llama_vocab_dir, name)
+    wrong = [(text, ids, got) for text, ids in cases if (got := tok.encode(text, add_special_tokens=False).ids) != ids]
+    assert not wrong, f"{name}: {len(cases) - len(wrong)}/{len(cases)} texts match llama.cpp; first: {wrong[0]!r}"
+
+
+# Ids from llama.cpp's llama-tokenize for what the vectors above do not cover.
+LLAMA_CPP_IDS = json.loads((FIXTURES / "llama-cpp-ids.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", NO_VECTORS)
+def test_vocabularies_without_vectors(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
+    """aquila and gpt-neox have no `tokenizer.ggml.pre` (llama.cpp's default regexes);
+    nomic-bert-moe is a T5-style Unigram vocabulary."""
+    tok = written_tokenizer(llama_vocab_dir, name, tmp_path)
+    tok.encode_special_tokens = True
+    texts = [text for text, _ in vectors(llama_vocab_dir, "llama-bpe")]
+    expected = LLAMA_CPP_IDS["plain"][name]
+    assert len(texts) == len(expected)
+    for text, ids in zip(texts, expected, strict=True):
+        assert tok.encode(text, add_special_tokens=False).ids == ids, text
+
+
+def check_special_cases(tok: Any, cases: list[dict[str, Any]]) -> None:
+    """parse_special = true: control and user-defined tokens written in the text are
+    single ids; false (`encode_special_tokens`): only user-defined ones are."""
+    for case in cases:
+        tok.encode_special_tokens = False
+        assert tok.encode(case["text"], add_special_tokens=False).ids == case["ids"], case["text"]
+        tok.encode_special_tokens = True
+        assert tok.encode(case["text"], add_special_tokens=False).ids == case["ids_as_text"], case["text"]
+
+
+@pytest.mark.parametrize("name", sorted(set(LLAMA_CPP_IDS["special"]) - {"gemma3"}))
+def test_special_tokens_in_the_text(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
+    """Includes llama.cpp's fix-ups: tokens it makes control tokens by their text
+    (aquila's <|endoftext|>, deepseek-coder's FIM tokens, qwen2's </s>) and phi-3's,
+    which swallow the whitespace after them."""
+    check_special_cases(written_tokenizer(llama_vocab_dir, name, tmp_path), LLAMA_CPP_IDS["special"][name])
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_CPP_IDS["add_special"]))
+def test_bos_and_eos_as_llama_cpp_adds_them(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
+    """llama-bpe's file has no `add_bos_token`: llama.cpp adds BOS for its pre-tokenizer."""
+    tok = written_tokenizer(llama_vocab_dir, name, tmp_path)
+    for case in LLAMA_CPP_IDS["add_special"][name]:
+        assert tok.encode(case["text"]).ids == case["ids"], case["text"]

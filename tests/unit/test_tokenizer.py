@@ -61,3 +61,21 @@ def test_tokenizer_command_refuses_a_cut_model(tmp_path: Path, capsys: pytest.Ca
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: ") and ("before its tensor data" in line or "runs past the end of the file" in line)
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_command_refuses_an_unsupported_vocabulary_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv6")
+    w.add_tokenizer_model("rwkv")
+    w.add_token_list(["a", "b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    assert main(["tokenizer", str(tmp_path / "rwkv.gguf"), str(tmp_path / "out")]) == 1
+    supported = "only 'llama', 'gpt2', 'gemma4', 'bert' and 't5'"
+    assert capsys.readouterr().err.splitlines() == [f"error: tokenizer model 'rwkv' is not supported ({supported})"]
+    assert not list((tmp_path / "out").glob("tokenizer.*"))
