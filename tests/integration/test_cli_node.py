@@ -17,6 +17,7 @@ import pytest
 import fragmenter as fr
 from tests.conftest import GEMMA_SHA256, sha256_file
 from tests.integration.test_cli_errors import assert_one_line_error, gguf_swarm
+from tests.processes import terminate
 
 CLI = [sys.executable, "-m", "node.cli"]
 LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0"]
@@ -33,11 +34,7 @@ def seed_process(data_dir: Path) -> Iterator[str]:
         assert "/p2p/12D3" in addr, proc.stderr.read() if proc.poll() is not None else addr
         yield addr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc)
 
 
 def pull(cid: str, data_dir: Path, bootstrap: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -186,11 +183,7 @@ def test_publish_fragments_into_the_configs_data_dir(tmp_path: Path) -> None:
         labels = {"model": published["model_cid"], "name": "tiny"}
         assert value(metrics, "gguf_swarm_fragments_held", **labels) == published["fragments"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc)
     assert proc.returncode == 0
 
 

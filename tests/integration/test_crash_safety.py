@@ -29,6 +29,7 @@ from fragmenter.manifest import HEADER_NAME
 from node.store import Blob, Store
 from tests.conftest import sha256_file
 from tests.gguf_factory import write_model
+from tests.processes import terminate
 
 CLI = [sys.executable, "-m", "node.cli"]
 LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0"]
@@ -109,12 +110,7 @@ def seed_process(data_dir: Path, log: Path, *extra: str) -> Iterator[str]:
             assert "/p2p/12D3" in addr, log.read_text()[-2000:]
             yield addr
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
 
 
 def pull_args(cid: str, data_dir: Path, *bootstrap: str) -> list[str]:
