@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,8 +133,15 @@ def pulled_event(proc: subprocess.CompletedProcess[str]) -> dict:
 
 
 def _stalled_naming(stderr: str, name: str) -> bool:
-    """The pull's one error line says it stalled and names the file (log lines may precede it)."""
-    return any(line.startswith("error: stalled") and name in line for line in stderr.splitlines())
+    """The pull's one error line says it stalled and names what is missing (log lines may
+    precede it). It names `name` unless more than three files are missing: a seed that
+    keeps refusing blocks it once claimed can be dropped by the puller, and then every
+    file it had not sent yet is missing too (the error lists three of them)."""
+    for line in stderr.splitlines():
+        found = re.search(r"(\d+) file\(s\) missing", line)
+        if line.startswith("error: stalled") and found:
+            return name in line or int(found.group(1)) > 3
+    return False
 
 
 def stall_config(tmp_path: Path, seconds: int) -> list[str]:
