@@ -299,6 +299,36 @@ def bpe_merges(vocab: _Vocab) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(lefts, dtype=np.int64), np.frombuffer(rights, dtype=np.int64)
 
 
+def _tokenizer_doc(
+    vocab: _Vocab, *, normalizer: Any, pre_tokenizer: Any, decoder: Any, model: dict[str, Any]
+) -> dict[str, Any]:
+    """A `tokenizer.json` document: the parts every vocabulary type shares, around its own."""
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": _added_tokens(vocab),
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": _post_processor(vocab),
+        "decoder": decoder,
+        "model": model,
+    }
+
+
+def _bpe_model(*, unk: str | None, fuse_unk: bool, byte_fallback: bool, ignore_merges: bool) -> dict[str, Any]:
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": unk,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": fuse_unk,
+        "byte_fallback": byte_fallback,
+        "ignore_merges": ignore_merges,
+    }
+
+
 def _spm_parts(vocab: _Vocab) -> dict[str, Any]:
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
     normalizer: dict[str, Any] = replace
@@ -310,26 +340,13 @@ def _spm_parts(vocab: _Vocab) -> dict[str, Any]:
     if vocab.add_space_prefix:
         normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, replace]}
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(vocab),
-        "normalizer": normalizer,
-        "pre_tokenizer": None,
-        "post_processor": _post_processor(vocab),
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": vocab.token(vocab.unk),
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": True,
-            "byte_fallback": True,
-            "ignore_merges": False,
-        },
-    }
+    return _tokenizer_doc(
+        vocab,
+        normalizer=normalizer,
+        pre_tokenizer=None,
+        decoder={"type": "Sequence", "decoders": decoders},
+        model=_bpe_model(unk=vocab.token(vocab.unk), fuse_unk=True, byte_fallback=True, ignore_merges=False),
+    )
 
 
 def _write_tokenizer_json(
@@ -363,26 +380,13 @@ def _bpe_parts(vocab: _Vocab) -> dict[str, Any]:
         regexes, ignore_merges = found
         splits = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in regexes]
         pre = {"type": "Sequence", "pretokenizers": [*splits, byte_level]}
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(vocab),
-        "normalizer": None,
-        "pre_tokenizer": pre,
-        "post_processor": _post_processor(vocab),
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": ignore_merges,
-        },
-    }
+    return _tokenizer_doc(
+        vocab,
+        normalizer=None,
+        pre_tokenizer=pre,
+        decoder={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+        model=_bpe_model(unk=None, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges),
+    )
 
 
 # llama.cpp's BPE on raw UTF-8 rather than GPT-2's byte-to-unicode mapping (Gemma 4's
@@ -399,26 +403,13 @@ def _utf8_bpe_parts(vocab: _Vocab) -> dict[str, Any]:
         {"type": "ByteFallback"},
         {"type": "Fuse"},
     ]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(vocab),
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-        "pre_tokenizer": split,
-        "post_processor": _post_processor(vocab),
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": True,
-            "ignore_merges": False,
-        },
-    }
+    return _tokenizer_doc(
+        vocab,
+        normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        pre_tokenizer=split,
+        decoder={"type": "Sequence", "decoders": decoders},
+        model=_bpe_model(unk=None, fuse_unk=False, byte_fallback=True, ignore_merges=False),
+    )
 
 
 def _wpm_tokenizer(vocab: _Vocab) -> dict[str, Any]:
@@ -438,23 +429,19 @@ def _wpm_tokenizer(vocab: _Vocab) -> dict[str, Any]:
         "strip_accents": vocab.strip_accents,
         "lowercase": vocab.lowercase,
     }
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(vocab),
-        "normalizer": normalizer,
-        "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": _post_processor(vocab),
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
-        "model": {
+    return _tokenizer_doc(
+        vocab,
+        normalizer=normalizer,
+        pre_tokenizer={"type": "BertPreTokenizer"},
+        decoder={"type": "WordPiece", "prefix": "##", "cleanup": True},
+        model={
             "type": "WordPiece",
             "unk_token": vocab.token(vocab.unk) or "[UNK]",
             "continuing_subword_prefix": "##",
             "max_input_chars_per_word": 1 << 30,  # llama.cpp has no limit
             "vocab": words,
         },
-    }
+    )
 
 
 def _ugm_tokenizer(vocab: _Vocab) -> dict[str, Any]:
@@ -477,17 +464,13 @@ def _ugm_tokenizer(vocab: _Vocab) -> dict[str, Any]:
         normalizers.append({"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "})
     prepend = "always" if vocab.add_space_prefix else "never"
     metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": prepend, "split": False}
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(vocab),
-        "normalizer": {"type": "Sequence", "normalizers": normalizers},
-        "pre_tokenizer": metaspace,
-        "post_processor": _post_processor(vocab),
-        "decoder": metaspace,
-        "model": {"type": "Unigram", "unk_id": vocab.unk, "vocab": pieces, "byte_fallback": False},
-    }
+    return _tokenizer_doc(
+        vocab,
+        normalizer={"type": "Sequence", "normalizers": normalizers},
+        pre_tokenizer=metaspace,
+        decoder=metaspace,
+        model={"type": "Unigram", "unk_id": vocab.unk, "vocab": pieces, "byte_fallback": False},
+    )
 
 
 # ---- SentencePiece ModelProto, by hand ---------------------------------------
