@@ -17,6 +17,7 @@ from typing import BinaryIO
 from .errors import FragmenterError, FragmentError
 from .folder import READ_SIZE, FragmentFolder, open_folder, read_fragment_chunks
 from .fsio import open_staging_file
+from .selection import describe_fragments
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ def assemble(
     output = Path(output)
     if output.exists() and not force:
         raise FragmenterError(f"{output} already exists (use --force to replace it)")
+    _check_whole(folder)
     with open_staging_file(output) as tmp:
         try:
             with open(tmp, "wb") as out:
@@ -44,6 +46,26 @@ def assemble(
         if expected is not None and sha != expected:
             raise FragmentError(f"assembled file does not match file_sha256 {expected[:16]}…: not written")
     return AssembleResult(output.resolve(), size, sha, expected is not None)
+
+
+def _check_whole(folder: FragmentFolder) -> None:
+    """A partial replica (or a folder a pull has not finished) fails before any
+    byte is written, naming what it lacks."""
+    fragments = folder.manifest.fragments
+    missing = [k for k, f in enumerate(fragments) if _size(folder.fragment_path(f)) != f.size]
+    if missing:
+        raise FragmentError(
+            f"{folder.path} holds part of the model: {len(missing)} of {len(fragments)} fragments missing "
+            f"({describe_fragments(folder.manifest, missing)}; e.g. {fragments[missing[0]].file_name}); "
+            "pull the rest first"
+        )
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def write_assembled(

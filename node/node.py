@@ -275,7 +275,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(node._republisher)
                 nursery.start_soon(_flush_verified, store)
                 for model in store.models.values():
-                    if model.complete:
+                    if model.complete or any(model.have):  # a partial replica serves, so announces, its part
                         node.announce_model(model)
                 try:
                     async with AsyncExitStack() as stack:

@@ -206,6 +206,18 @@ class BlockPicker:
 
     # ---- decisions -------------------------------------------------------
 
+    def want(self, blocks: Iterable[int]) -> None:
+        """Fetch these blocks too. A picker's `have` is what it does not fetch:
+        the blocks held, and for a partial replica the blocks not wanted (yet);
+        pass here only blocks that are not held."""
+        for b in blocks:
+            self._check(b)
+            if self._have[b]:
+                self._have[b] = 0
+                self._missing_count += 1
+                self._missing_mask |= 1 << b
+                self._free(b)
+
     def prioritize(self, blocks: Iterable[int]) -> None:
         """Pick these blocks before any other, in this order, rarity aside (the
         node needs some early: the header, to build the tokenizer meanwhile)."""

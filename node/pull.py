@@ -21,8 +21,9 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from fragmenter import FragmenterError, parse_manifest
+from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.manifest import MAX_MANIFEST_BYTES, load_manifest_json
+from fragmenter.selection import Selection
 from protocol import HaveRequest, ManifestRequest
 from protocol.cid import cid_from_digest
 
@@ -32,7 +33,7 @@ from .node import Node
 from .store import LocalModel
 from .swarm import ModelSwarm
 
-__all__ = ["PullOptions", "PullStats", "pull_model"]
+__all__ = ["PullOptions", "PullStats", "fetch_manifest", "find_holders", "pull_model"]
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
@@ -43,6 +44,7 @@ class PullOptions:
     find_timeout: float = 30.0  # give up when no peer has the model after this long
     stall_timeout: float = 60.0  # give up when no block is verified for this long
     discover_every: float = 30.0  # look for more holders on the DHT at most this rarely
+    selection: Selection = field(default_factory=Selection)  # what part of the model (default: all of it)
     on_event: Callable[[Event], None] = lambda e: None
 
 
@@ -63,17 +65,22 @@ async def pull_model(node: Node, model_cid: str, options: PullOptions | None = N
     start = time.monotonic()
 
     model = node.store.models.get(model_cid)
-    peers = await _find_holders(node, model_cid, opts, need=model is None or not model.complete)
+    wanted = None if model is None else _wanted(model, opts.selection)
+    held = model is not None and wanted is not None and model.header_present and all(model.have[k] for k in wanted)
+    peers = await find_holders(node, model_cid, opts, need=not held)
     if model is None:
         model = await _fetch_manifest(node, model_cid, peers)
+        wanted = _wanted(model, opts.selection)
         opts.on_event(
             {"event": "manifest", "model": model_cid, "fragments": len(model.have), "bytes": model.manifest.total_bytes}
         )
-    stats.already_had = sum(model.have)
+    assert wanted is not None
+    stats.already_had = sum(1 for k in wanted if model.have[k])
     had = set(i for i, h in enumerate(model.have) if h)
 
     swarm = await node.swarm_for(model)
     swarm.on_event = opts.on_event
+    swarm.want([*wanted, len(model.have)])  # and the header, file n: every part needs it
     try:
         await _transfer(node, swarm, peers, opts)
     except BaseExceptionGroup as group:  # a nursery's wrapping: the caller wants the NodeError itself
@@ -121,6 +128,13 @@ async def _transfer(node: Node, swarm: ModelSwarm, peers: list[ID], opts: PullOp
                 swarm.on_event = lambda e: None
 
 
+def _wanted(model: LocalModel, selection: Selection) -> list[int]:
+    try:
+        return selection.fragments(model.manifest)
+    except FragmenterError as e:
+        raise NodeError(f"model {model.cid}: {e}") from None
+
+
 def _first(group: BaseExceptionGroup) -> BaseException:
     leaf: BaseException = group
     while isinstance(leaf, BaseExceptionGroup):
@@ -143,7 +157,8 @@ async def _wait(swarm: ModelSwarm, opts: PullOptions) -> None:
             last_bytes, last_change = received, time.monotonic()
         elif time.monotonic() - last_change > opts.stall_timeout:
             model = swarm.model
-            missing = [e.file_name for e, h in zip(model.manifest.fragments, model.have, strict=True) if not h]
+            fragments = model.manifest.fragments
+            missing = [fragments[k].file_name for k in sorted(swarm.wanted) if k < len(fragments) and not model.have[k]]
             names = ([] if model.header_present else ["gguf_header.dat"]) + missing
             raise NodeError(
                 f"stalled: no block verified for {opts.stall_timeout:.0f} s, with {len(swarm.links)} peer(s); "
@@ -166,7 +181,7 @@ async def _discover(node: Node, swarm: ModelSwarm, opts: PullOptions) -> None:
         await trio.sleep(1.0)
 
 
-async def _find_holders(node: Node, model_cid: str, opts: PullOptions, need: bool) -> list[ID]:
+async def find_holders(node: Node, model_cid: str, opts: PullOptions, need: bool) -> list[ID]:
     """Peers that answer a have-request for this model. Connected peers (the
     bootstrap nodes) are asked first, so a pull from a seed starts at once;
     only when none of them holds the model does the pull wait for the DHT
@@ -208,6 +223,11 @@ MANIFEST_STAGGER = 3.0  # a holder still sending the manifest after this long ge
 
 
 async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalModel:
+    data, _ = await fetch_manifest(node, model_cid, peers)
+    return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data)
+
+
+async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[bytes, Manifest]:
     """The manifest from the first holder whose bytes hash to the CID. Holders
     are asked in turn, a new one every MANIFEST_STAGGER seconds while the
     earlier ones are still sending, so a holder that trickles (or stalls)
@@ -272,7 +292,7 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
         raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
     if manifest.raw.get("header_sha256") is None:
         raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
-    return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data)
+    return data, manifest
 
 
 async def _write_tokenizer(model: LocalModel) -> None:

@@ -28,6 +28,9 @@ what a peer has been shown only grows.
   pullers' shares), it is shown every block that is out. If it already
   holds all of those, it is shown everything. Both cases only happen at the
   end of the first round.
+- A peer that wants none of what it was shown (it says NotInterested, or
+  never says Interested) is shown everything and gives its share back: it
+  pulls only some layers, or it is done.
 - A peer that leaves gives its share back to the pool. Blocks it took with
   it stay out: the others are shown them at the end of the first round, as
   above, so its departure costs only time.
@@ -101,14 +104,28 @@ class SuperSeeding:
     def leave(self, peer: Peer) -> None:
         """The peer is gone. Its share goes back to the pool."""
         view = self.peers.pop(peer, None)
-        if view is None:
-            return
+        if view is not None:
+            self._give_back(view)
+
+    def uninterested(self, peer: Peer, now: float) -> list[int]:
+        """The peer wants none of what it has been shown: a partial replica
+        after other layers, or a peer done. It is shown everything, so it can
+        pick what it wants, and its share goes back to the pool for the others."""
+        if peer not in self.peers:
+            self.join(peer, now)
+        view = self.peers[peer]
+        self._give_back(view)
+        return self._show(view, range(len(self.sizes)))
+
+    def _give_back(self, view: _View) -> None:
         for block in view.share:
             del self._owner[block]
             self._in_pool.add(block)
             self._pool.append(block)
             j = self.rng.randrange(len(self._pool))  # keep the pool in random order
             self._pool[j], self._pool[-1] = self._pool[-1], self._pool[j]
+        view.share.clear()
+        view.share_bytes = 0
 
     def sent(self, peer: Peer, block: int, now: float) -> None:
         """We uploaded `block` to `peer`."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,9 @@ HASHES_TIMEOUT = 10.0  # a digest list not sent by then is asked of another peer
 HASH_REQUESTS = 12  # digest lists asked of one peer at once (the peer accepts 16)
 VERIFY_SLOTS = 8  # received blocks held in memory while being checked and written
 STRIKES = 8  # refusals of claimed blocks while unchoked, with nothing delivered, before a peer is dropped
+# A peer shown its share by a super-seed that is still not interested after this
+# long wants other blocks (a partial replica): it is shown everything.
+UNINTERESTED_AFTER = 2.0
 DROP_FOR = 300.0  # a dropped peer is not dialled again for this long
 WRITE_STALL = 60.0  # a peer that takes none of our bytes this long is dropped
 
@@ -147,11 +150,12 @@ class ModelSwarm:
         self.known: dict[ID, float] = {}  # peers to dial -> not before this time
         self.dropped: dict[ID, float] = {}  # peer -> until when it is not dialled or accepted
         self.choker = Choker(slots=node.config.unchoke_slots)
+        # What this node fetches: nothing until a pull (or an adopter) asks for
+        # files, so a partial replica serves its part without pulling the rest.
         self.picker: BlockPicker | None = None
-        if not self.blocks.complete:
-            self.picker = BlockPicker(self.layout.total_blocks, self.blocks.held_blocks())
-            # The header first: the tokenizer files are built from it while the rest arrives.
-            self.picker.prioritize(self.layout.file_blocks(self.blocks.n))
+        self.wanted: set[int] = set()  # files (fragment k; the header is file n)
+        self.wanted_bytes = 0
+        self.wanted_done = 0  # bytes of wanted files held (for progress)
         self.seeding: SuperSeeding | None = None
         if self.blocks.complete and node.config.serve.initial_seeding:
             self.seeding = SuperSeeding(
@@ -162,9 +166,8 @@ class ModelSwarm:
         self._dial_failures: dict[ID, int] = {}
         self.hash_asked: dict[int, tuple[ID, float]] = {}  # file -> (peer asked for its digests, when)
         self.parked: dict[int, list[tuple[ID, int, bytes]]] = {}  # file -> blocks waiting for its digests
-        self.complete = trio.Event()
-        if self.blocks.complete:
-            self.complete.set()
+        self.complete = trio.Event()  # every wanted block is in (replaced when more is wanted)
+        self.complete.set()
         self.closed = trio.Event()  # run() has ended and the partial files are closed
         self.failure: Exception | None = None
         self.on_event: Callable[[dict[str, Any]], None] = lambda e: None
@@ -202,6 +205,38 @@ class ModelSwarm:
         except Exception:
             log.exception("event callback failed on %r", event)
 
+    def want(self, files: Iterable[int]) -> None:
+        """Fetch these files too (fragment k; the header is file n), from every
+        peer with a session now or later. Wanting more after a pull ended starts
+        a new picker from what the connected peers have told us."""
+        new = {k for k in files if k not in self.wanted}
+        if not new:
+            return
+        self.wanted |= new
+        layout, blocks = self.layout, self.blocks
+        self.wanted_bytes += sum(layout.sizes[k] for k in new)
+        new_blocks = [b for k in sorted(new) for b in layout.file_blocks(k)]
+        self.wanted_done += layout.block_bytes([b for b in new_blocks if blocks.has_block(b)])
+        missing = [b for b in new_blocks if not blocks.has_block(b)]
+        if not missing:
+            return
+        if self.picker is not None and not self.complete.is_set():
+            self.picker.want(missing)
+        else:
+            wanted = {b for k in self.wanted for b in layout.file_blocks(k) if not blocks.has_block(b)}
+            picker = BlockPicker(layout.total_blocks, (b for b in range(layout.total_blocks) if b not in wanted))
+            # The header first: the tokenizer files are built from it while the rest arrives.
+            picker.prioritize(layout.file_blocks(blocks.n))
+            for link in self.links.values():
+                session = link.session
+                if session.peer_have_count == layout.total_blocks:
+                    picker.peer_has_all(link.peer)
+                elif session.peer_have_count:
+                    picker.peer_has(link.peer, _bits_set(session.peer_have))
+            self.picker = picker
+            self.complete = trio.Event()
+        self._dial_known(trio.current_time())
+
     def add_peers(self, peers: list[ID]) -> None:
         now = trio.current_time()
         for peer in peers:
@@ -222,7 +257,11 @@ class ModelSwarm:
         self._rechoke(now, force=False)
         if self.seeding is not None:
             for link in list(self.links.values()):
-                if link.ready:
+                if not link.ready:
+                    continue
+                if not link.session.peer_interested and now - link.joined >= UNINTERESTED_AFTER:
+                    self._send_haves(link, self.seeding.uninterested(link.peer, now))
+                else:
                     self._reveal(link, now)
         for link in list(self.links.values()):
             if link.ready:
@@ -236,8 +275,8 @@ class ModelSwarm:
         self.emit(
             {
                 "event": "progress",
-                "done": self.blocks.have_bytes,
-                "total": sum(self.layout.sizes),
+                "done": self.wanted_done,
+                "total": self.wanted_bytes,
                 "peers": len(self.links),
                 "fragments_done": sum(self.model.have),
                 "fragments": len(self.model.have),
@@ -468,6 +507,8 @@ class ModelSwarm:
         elif isinstance(event, Choke):
             pass  # our pending requests come back as rejections
         elif isinstance(event, Interested | NotInterested):
+            if isinstance(event, NotInterested) and self.seeding is not None:
+                self._send_haves(link, self.seeding.uninterested(link.peer, now))
             self._rechoke(now, force=True)
         elif isinstance(event, HashesRequest):
             self._nursery.start_soon(self._answer_hashes, link, event.file)
@@ -672,6 +713,7 @@ class ModelSwarm:
             if link is not None and block in link.session.our_requests and block not in link.session.cancelled:
                 link.send(CancelBlock(block))
         self.stats.bytes_fetched += size
+        self.wanted_done += size
         self.stats.blocks_fetched += 1
         self.stats.last_block = time.monotonic()
         key = str(peer)
@@ -783,6 +825,11 @@ def _addrs_of(store: Any, peer: ID) -> list[Any]:
         return list(store.addrs(peer))
     except Exception:
         return []
+
+
+def _bits_set(bits: bytes | bytearray) -> list[int]:
+    """Indexes of the bits set in an MSB-first bitfield."""
+    return [i * 8 + j for i, byte in enumerate(bits) if byte for j in range(8) if byte & (0x80 >> j)]
 
 
 def _first_leaf(e: BaseException) -> BaseException:
