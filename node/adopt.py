@@ -1,0 +1,115 @@
+"""`seed --adopt`: keep every fragment of a model at k copies or more, by
+taking on the rarest ones, up to a byte budget.
+
+Each round surveys the swarm (survey.py: who holds what), lets the pure
+`Adopter` (adoption.py) decide what to take, and asks the model's swarm to
+fetch it like a partial pull. Adopters coordinate through the same snapshot
+and rendezvous ranks, never through a server. Rounds repeat every `interval`
+seconds, sooner when a back-off deadline comes due, so copies lost when a
+holder leaves are restored without anyone asking.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .adoption import Adopter, AdoptionPlan, FragmentInfo
+from .host import NodeError
+from .node import Node
+from .store import LocalModel
+from .survey import Survey, survey
+
+log = logging.getLogger(__name__)
+JOIN_PAUSE = 5.0  # after announcing ourselves, before the first plan: other adopters find us meanwhile
+Event = dict[str, Any]
+
+
+@dataclass
+class AdoptOptions:
+    model_cid: str
+    budget: int  # bytes of the model this node may hold
+    min_copies: int = 2
+    interval: float = 30.0  # seconds between surveys of the swarm
+    backoff: float = 30.0  # a lower-ranked adopter waits this long per rank before stepping in
+    find_timeout: float = 10.0
+    on_event: Callable[[Event], None] = lambda e: None
+
+
+async def adopt(node: Node, opts: AdoptOptions) -> None:
+    """Run rounds until cancelled. A round that fails (nobody reachable) is
+    reported and retried; it never ends the node."""
+    adopter = Adopter(str(node.peer_id), opts.min_copies, opts.budget, opts.backoff)
+    rng = random.Random()
+    last: tuple[int, ...] = ()
+    joined = False
+    while True:
+        pause = opts.interval
+        try:
+            found = await survey(node, opts.model_cid, find_timeout=opts.find_timeout)
+            if not joined:
+                # Announced, and nothing taken yet: adopters that start together
+                # would otherwise each see only the holders and all take the same.
+                await _join(node, opts.model_cid, found)
+                joined = True
+                opts.on_event({"event": "adopt_joined", "model_cid": opts.model_cid, "holders": len(found.holdings)})
+                await trio.sleep(min(opts.interval, JOIN_PAUSE))
+                continue
+            plan = await _round(node, opts.model_cid, adopter, found, rng)
+            if plan.next_deadline is not None:
+                pause = max(1.0, min(pause, plan.next_deadline - trio.current_time()))
+            summary = (len(plan.take), len(plan.waiting), len(plan.lost), len(plan.over_budget))
+            if plan.take or summary != last:
+                last = summary
+                opts.on_event(_event(opts.model_cid, found, plan))
+        except NodeError as e:
+            log.info("adopt %s: %s", opts.model_cid, e)
+            opts.on_event({"event": "adopt_error", "model_cid": opts.model_cid, "error": str(e)})
+        await trio.sleep(pause)
+
+
+async def _join(node: Node, model_cid: str, found: Survey) -> None:
+    """The model's folder (manifest only, if new) and its announcement: a
+    candidate from now on, which other adopters rank."""
+    model = node.store.models.get(model_cid)
+    if model is None:
+        model = await trio.to_thread.run_sync(node.store.begin_model, model_cid, found.manifest_bytes)
+    node.announce_model(model)
+
+
+async def _round(node: Node, model_cid: str, adopter: Adopter, found: Survey, rng: random.Random) -> AdoptionPlan:
+    model = node.store.models[model_cid]
+    swarm = await node.swarm_for(model)
+    fetching = {k for k in swarm.wanted if k < len(model.have) and not model.have[k]}
+    mine = {k for k, h in enumerate(model.have) if h} | fetching
+    me = str(node.peer_id)
+    fragments = [FragmentInfo(_key(model, k), e.size) for k, e in enumerate(model.manifest.fragments)]
+    holders = [{p for p, have in found.holdings.items() if p != me and have[k]} for k in range(len(fragments))]
+    plan = adopter.plan(fragments, holders, set(found.holdings) | {me}, mine, trio.current_time(), rng)
+    if plan.take:
+        swarm.add_peers([found.peers[p] for p in found.holdings if p in found.peers])
+        swarm.want([*plan.take, len(model.have)])  # and the header: a folder with it can be read and served
+    return plan
+
+
+def _key(model: LocalModel, k: int) -> str:
+    return model.fragment_cids[k] or model.manifest.fragments[k].fragment_id
+
+
+def _event(model_cid: str, found: Survey, plan: AdoptionPlan) -> Event:
+    sizes = [f.size for f in found.manifest.fragments]
+    return {
+        "event": "adopt",
+        "model_cid": model_cid,
+        "holders": len(found.holdings),
+        "taking": len(plan.take),
+        "taking_bytes": sum(sizes[k] for k in plan.take),
+        "waiting": len(plan.waiting),
+        "lost": len(plan.lost),
+        "over_budget": len(plan.over_budget),
+    }

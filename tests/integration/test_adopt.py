@@ -1,0 +1,75 @@
+"""`seed --adopt`: nodes that take on a model's rarest fragments keep k copies
+of every fragment while holders leave. Real libp2p nodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+import fragmenter as fr
+from node.adopt import AdoptOptions, adopt
+from node.node import Node
+from tests.integration.test_partial_replicas import layered_model, node_in_task
+from tests.integration.test_swarm import node_at
+
+K = 2
+
+
+def copies(adopters: list[Node], model_cid: str, n: int) -> list[int]:
+    counts = [0] * n
+    for node in adopters:
+        model = node.store.models.get(model_cid)
+        for k, held in enumerate(model.have if model else ()):
+            counts[k] += held
+    return counts
+
+
+async def wait_for_copies(adopters: list[Node], model_cid: str, n: int, want: int, timeout: float) -> float:
+    start = time.monotonic()
+    with trio.fail_after(timeout):
+        while min(copies(adopters, model_cid, n)) < want:
+            await trio.sleep(0.2)
+    return time.monotonic() - start
+
+
+async def test_three_adopters_restore_two_copies_after_a_holder_leaves(tmp_path: Path) -> None:
+    layered_model(tmp_path / "seed")
+    manifest = fr.read_manifest(tmp_path / "seed" / "layered")
+    n = len(manifest.fragments)
+    events: list[dict] = []
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        seed, stop_seed = await nursery.start(node_in_task, tmp_path / "seed")
+        model_cid = next(iter(seed.store.models))
+        adopters = [await stack.enter_async_context(node_at(tmp_path / f"a{i}", seed.addrs()[:1])) for i in range(3)]
+        for node in adopters:
+            options = AdoptOptions(
+                model_cid,
+                budget=manifest.total_bytes * 3 // 4,
+                min_copies=K,
+                interval=1.0,
+                backoff=2.0,
+                on_event=events.append,
+            )
+            nursery.start_soon(adopt, node, options)
+        # The seed is one copy; the adopters add a second of every fragment between them.
+        await wait_for_copies(adopters, model_cid, n, K - 1, timeout=60)
+        held_before = [sum(node.store.models[model_cid].have) for node in adopters]
+        fetched_before = sum(node.swarms[model_cid].stats.bytes_fetched for node in adopters)
+
+        with trio.fail_after(20):
+            await stop_seed()
+        counts = copies(adopters, model_cid, n)
+        minimum = sum(f.size * (K - c) for f, c in zip(manifest.fragments, counts, strict=True) if c < K)
+        assert minimum > 0  # the seed's leaving left fragments short
+        restored_in = await wait_for_copies(adopters, model_cid, n, K, timeout=60)
+        moved = sum(node.swarms[model_cid].stats.bytes_fetched for node in adopters) - fetched_before
+        moved -= manifest.header_size * sum(1 for h in held_before if h == 0)  # a header fetched late is not a copy
+        assert restored_in < 30
+        assert minimum <= moved <= 1.5 * minimum, (moved, minimum)
+        for node in adopters:
+            assert all(node.store.models[model_cid].have[k] <= 1 for k in range(n))
+        nursery.cancel_scope.cancel()
+    assert any(e["event"] == "adopt" and e["taking"] for e in events)
