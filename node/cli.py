@@ -11,8 +11,11 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,18 @@ from fragmenter.cli import (
     sigterm_as_interrupt,
 )
 from fragmenter.progress import human_bytes
+from fragmenter.selection import Selection, held_summary, parse_layers
 from protocol import is_cid
 
+from .adopt import AdoptOptions, adopt
 from .config import DEFAULT_LISTEN, node_config, read_config_file
+from .coverage import coverage, render, to_json
 from .host import NodeError
 from .metrics import parse_metrics_addr
 from .node import Node, NodeConfig, open_node
 from .pull import PullOptions, pull_model
 from .store import Store
+from .survey import survey
 
 
 def version() -> str:
@@ -65,6 +72,12 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"seconds must be a positive finite number, not {text!r}")
     return value
+
+
+def _copies(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"copies must be a whole number >= 1, not {text!r}")
+    return int(text)
 
 
 def _rate(text: str) -> int:
@@ -113,10 +126,11 @@ async def _report_stats(node: Node, every: float = 5.0) -> None:
         print(json.dumps(event), flush=True)
 
 
-def _run_node(args: argparse.Namespace, body: Any, config: NodeConfig | None = None) -> int:
+def _run_node(args: argparse.Namespace, body: Any, config: NodeConfig | None = None, quiet: bool = False) -> int:
     async def main() -> int:
         async with open_node(config or load_config(args)) as node:
-            _print_addrs(args, node)
+            if not quiet:
+                _print_addrs(args, node)
             if node.metrics_url:
                 emit(args, f"metrics {node.metrics_url}", event="metrics", url=node.metrics_url)
             return int(await body(node))
@@ -155,6 +169,15 @@ def _models_line(node: Node) -> list[dict[str, Any]]:
 
 
 def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
+    adopting = getattr(args, "adopt", None) or []
+    for cid in adopting:
+        if not is_cid(cid):
+            print(f"error: --adopt: not a model CID (CIDv1 raw sha2-256, bafk...): {cid!r}", file=sys.stderr)
+            return 2
+    if adopting and args.budget is None:
+        print("error: --adopt needs --budget (the bytes of each adopted model this node may hold)", file=sys.stderr)
+        return 2
+
     async def body(node: Node) -> int:
         for m in _models_line(node):
             emit(
@@ -163,10 +186,30 @@ def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
                 event="serving",
                 **m,
             )
-        await _serve_forever(args, node)
+        async with trio.open_nursery() as nursery:
+            for cid in adopting:
+                options = AdoptOptions(
+                    cid, args.budget, args.min_copies, args.adopt_interval, on_event=lambda e: _adopt_line(args, e)
+                )
+                nursery.start_soon(adopt, node, options)
+            await _serve_forever(args, node)
+            nursery.cancel_scope.cancel()
         return 0
 
     return _run_node(args, body, config)
+
+
+def _adopt_line(args: argparse.Namespace, event: dict[str, Any]) -> None:
+    cid = event["model_cid"]
+    if event["event"] == "adopt_error":
+        text = f"adopt {cid}: {event['error']} (retrying)"
+    else:
+        text = (
+            f"adopt {cid}: taking {event['taking']} fragment(s) ({human_bytes(event['taking_bytes'])}) "
+            f"among {event['holders']} holder(s); {event['waiting']} waiting for others first, "
+            f"{event['over_budget']} over budget, {event['lost']} lost (no copy left)"
+        )
+    emit(args, text, **event)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -199,6 +242,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if not is_cid(args.model_cid):
         print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
         return 2
+    try:
+        selection = _selection(args)
+    except FragmenterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output and not selection.whole:
+        print("error: --output assembles the whole model; it cannot be used with a partial pull", file=sys.stderr)
+        return 2
     bar = progress_bar(args, "pull")
 
     def on_event(event: dict[str, Any]) -> None:
@@ -212,7 +263,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     async def body(node: Node) -> int:
         options = PullOptions(
-            find_timeout=args.timeout, stall_timeout=node.config.pull_stall_timeout, on_event=on_event
+            find_timeout=args.timeout,
+            stall_timeout=node.config.pull_stall_timeout,
+            on_event=on_event,
+            selection=selection,
         )
         model, stats = await pull_model(node, args.model_cid, options)
         if bar:
@@ -251,6 +305,38 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return _run_node(args, body)
 
 
+def cmd_where(args: argparse.Namespace) -> int:
+    """The coverage map: which peers hold which layers, with each row's copy count."""
+    if not is_cid(args.model_cid):
+        print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
+        return 2
+
+    async def body(node: Node) -> int:
+        found = await survey(node, args.model_cid, find_timeout=args.timeout)
+        cov = coverage(found.manifest, found.holdings)
+        if args.json:
+            report = to_json(cov, min_copies=args.min_copies)
+            print(json.dumps({"event": "coverage", "model_cid": args.model_cid, **report}))
+        else:
+            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            print(f"{found.manifest.model_name} ({args.model_cid})")
+            print(render(cov, min_copies=args.min_copies, color=color, width=shutil.get_terminal_size().columns))
+        return 1 if cov.under(args.min_copies) else 0  # scripts: non-zero while some layer is short of copies
+
+    with tempfile.TemporaryDirectory(prefix="gguf-swarm-where-") as scratch:  # no data dir: a throwaway identity
+        try:
+            config = load_config(args, default_data_dir=scratch)
+        except NodeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return _run_node(args, body, config, quiet=True)
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    layers = parse_layers(args.layers) if args.layers else frozenset()
+    return Selection(layers, tuple(args.tensors or ()), args.with_embeddings, args.with_output)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
@@ -261,7 +347,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not store.models:
         emit(args, f"no models in {data_dir}", event="none")
     for m in store.models.values():
+        held = held_summary(m.manifest, m.have)
         state = "complete" if m.complete else f"{sum(m.have)}/{len(m.have)} fragments"
+        if not m.complete and any(m.have):
+            state += f" ({held.describe()}; {human_bytes(held.bytes)})"
         emit(
             args,
             f"{m.cid}  {m.name}  {human_bytes(m.manifest.total_bytes)}  {state}  {m.folder}",
@@ -272,6 +361,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             complete=m.complete,
             fragments=sum(m.have),
             total_fragments=len(m.have),
+            held_bytes=held.bytes,
+            layers=held.layers,
+            embeddings=held.embeddings,
+            output=held.output,
             verified_files=store.verified_files(m),  # of fragments + header; per the saved record, nothing hashed
             folder=str(m.folder),
         )
@@ -305,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_fragmenter_commands(sub)
     p = sub.add_parser("seed", help="serve every model in the data dir and keep them announced")
+    keep = p.add_argument_group("keeping parts alive (take on a model's rarest fragments)")
+    keep.add_argument("--adopt", action="append", metavar="MODEL_CID", help="adopt this model's rarest fragments")
+    keep.add_argument("--budget", type=parse_size, metavar="SIZE", help="bytes of each adopted model to hold (2GiB)")
+    keep.add_argument("--min-copies", type=_copies, default=2, metavar="K", help="copies of every fragment to keep (2)")
+    keep.add_argument("--adopt-interval", type=_seconds, default=30.0, metavar="S", help="seconds between checks (30)")
     _node_arguments(p)
     p.set_defaults(func=cmd_seed)
     p = sub.add_parser("publish", help="fragment a GGUF into the data dir, then seed")
@@ -318,8 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="also assemble the GGUF here (checked against file_sha256)")
     p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to look for peers (default 30)")
     p.add_argument("--seed", action="store_true", help="keep serving after the pull")
+    part = p.add_argument_group("partial pull (a node that runs some layers holds only those)")
+    part.add_argument("--layers", metavar="RANGES", help="only these layers' tensors, e.g. 3-5 or 0,2,7-9")
+    part.add_argument("--tensors", action="append", metavar="GLOB", help="only tensors matching GLOB (repeatable)")
+    part.add_argument("--with-embeddings", action="store_true", help="with --layers: the token embeddings too")
+    part.add_argument("--with-output", action="store_true", help="with --layers: the output norm and head too")
     _node_arguments(p)
     p.set_defaults(func=cmd_pull)
+    p = sub.add_parser(
+        "where",
+        help="map which peers hold which layers of a model, with copy counts (exit 1 while a layer has < K copies)",
+    )
+    p.add_argument("model_cid")
+    p.add_argument("--min-copies", type=_copies, default=1, metavar="K", help="flag layers held by fewer than K peers")
+    p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to look for holders (default 10)")
+    _node_arguments(p)
+    p.set_defaults(func=cmd_where)
     p = sub.add_parser("models", help="list local models with their CIDs")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--json", action="store_true")
