@@ -21,6 +21,9 @@ EMBEDDINGS = "embeddings"
 OUTPUT = "output"
 OTHER = "other"
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
+OUTPUT_HEAD = "output.weight"
+TIED_HEAD = "token_embd.weight"  # the output head of a model without output.weight
+MAX_LAYER = 100_000  # a typo'd range must not build a set of billions
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
@@ -47,6 +50,8 @@ def parse_layers(text: str) -> frozenset[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise FragmenterError(f"empty layer range: {part.strip()!r}")
+        if hi >= MAX_LAYER:
+            raise FragmenterError(f"no model has layer {hi} (layers are numbered below {MAX_LAYER})")
         layers.update(range(lo, hi + 1))
     return frozenset(layers)
 
@@ -64,7 +69,9 @@ class Selection:
     def whole(self) -> bool:
         return not self.layers and not self.tensors and not self.with_embeddings and not self.with_output
 
-    def wants(self, tensor_name: str) -> bool:
+    def wants(self, tensor_name: str, tied_head: bool = False) -> bool:
+        """`tied_head`: the model has no `output.weight`, so llama.cpp computes
+        the logits with `token_embd.weight`: the output head is that tensor."""
         if self.whole:
             return True
         if any(fnmatch.fnmatchcase(tensor_name, glob) for glob in self.tensors):
@@ -73,14 +80,15 @@ class Selection:
         if isinstance(group, int):
             return group in self.layers
         if group == EMBEDDINGS:
-            return self.with_embeddings
+            return self.with_embeddings or (self.with_output and tied_head and tensor_name == TIED_HEAD)
         if group == OUTPUT:
             return self.with_output
         return bool(self.layers)  # shared by every layer (rope_freqs...): whoever runs a layer needs it
 
     def fragments(self, manifest: Manifest) -> list[int]:
         """Indexes (manifest order) of the fragments selected; an error names a selection that matches nothing."""
-        chosen = [i for i, f in enumerate(manifest.fragments) if self.wants(f.tensor_name)]
+        tied = has_tied_head(manifest)
+        chosen = [i for i, f in enumerate(manifest.fragments) if self.wants(f.tensor_name, tied)]
         if self.whole:
             return chosen
         known = model_layers(manifest)
@@ -93,6 +101,11 @@ class Selection:
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
                 raise FragmenterError(f"no tensor of the model matches {glob!r}")
         return chosen
+
+
+def has_tied_head(manifest: Manifest) -> bool:
+    names = {f.tensor_name for f in manifest.fragments}
+    return OUTPUT_HEAD not in names and TIED_HEAD in names
 
 
 def model_layers(manifest: Manifest) -> list[int]:
@@ -123,7 +136,10 @@ def held_summary(manifest: Manifest, have: Sequence[bool]) -> Holding:
         held_bytes += f.size if h else 0
     full = [g for g, hs in by_group.items() if all(hs)]
     layers = sorted(g for g in full if isinstance(g, int))
-    return Holding(_ranges(layers), EMBEDDINGS in full, OUTPUT in full, held_bytes)
+    output = OUTPUT in full
+    if output and has_tied_head(manifest):  # the head is token_embd.weight: held only if that is
+        output = all(h for f, h in zip(manifest.fragments, have, strict=True) if f.tensor_name == TIED_HEAD)
+    return Holding(_ranges(layers), EMBEDDINGS in full, output, held_bytes)
 
 
 def describe_fragments(manifest: Manifest, indexes: Iterable[int]) -> str:

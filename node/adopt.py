@@ -27,6 +27,7 @@ from .survey import Survey, survey
 
 log = logging.getLogger(__name__)
 JOIN_PAUSE = 5.0  # after announcing ourselves, before the first plan: other adopters find us meanwhile
+SETTLE_ROUNDS = 4  # at most this many such pauses, while each survey finds peers the last did not
 Event = dict[str, Any]
 
 
@@ -48,29 +49,49 @@ async def adopt(node: Node, opts: AdoptOptions) -> None:
     rng = random.Random()
     last: tuple[int, ...] = ()
     joined = False
+    settling = SETTLE_ROUNDS
+    seen: set[str] = set()
     while True:
         pause = opts.interval
         try:
             found = await survey(node, opts.model_cid, find_timeout=opts.find_timeout)
             if not joined:
-                # Announced, and nothing taken yet: adopters that start together
-                # would otherwise each see only the holders and all take the same.
                 await _join(node, opts.model_cid, found)
                 joined = True
-                opts.on_event({"event": "adopt_joined", "model_cid": opts.model_cid, "holders": len(found.holdings)})
+                _report(opts, {"event": "adopt_joined", "model_cid": opts.model_cid, "holders": len(found.holdings)})
+            # Nothing taken until the swarm we see stops growing: adopters that start
+            # together would otherwise each see only the holders and all take the same.
+            if settling and set(found.holdings) != seen:
+                seen = set(found.holdings)
+                settling -= 1
                 await trio.sleep(min(opts.interval, JOIN_PAUSE))
                 continue
+            settling = 0
             plan = await _round(node, opts.model_cid, adopter, found, rng)
             if plan.next_deadline is not None:
                 pause = max(1.0, min(pause, plan.next_deadline - trio.current_time()))
             summary = (len(plan.take), len(plan.waiting), len(plan.lost), len(plan.over_budget))
             if plan.take or summary != last:
                 last = summary
-                opts.on_event(_event(opts.model_cid, found, plan))
-        except NodeError as e:
-            log.info("adopt %s: %s", opts.model_cid, e)
-            opts.on_event({"event": "adopt_error", "model_cid": opts.model_cid, "error": str(e)})
+                _report(opts, _event(opts.model_cid, found, plan))
+        except Exception as e:  # nobody reachable, a full disk, a bad manifest: reported, retried, never fatal
+            if not isinstance(e, NodeError | OSError):
+                log.exception("adopt %s: round failed", opts.model_cid)
+            _report(opts, {"event": "adopt_error", "model_cid": opts.model_cid, "error": _describe(e)})
         await trio.sleep(pause)
+
+
+def _report(opts: AdoptOptions, event: Event) -> None:
+    try:
+        opts.on_event(event)
+    except Exception:
+        log.exception("adopt event callback failed on %r", event)
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return str(e) or type(e).__name__
 
 
 async def _join(node: Node, model_cid: str, found: Survey) -> None:
@@ -84,15 +105,27 @@ async def _join(node: Node, model_cid: str, found: Survey) -> None:
 
 async def _round(node: Node, model_cid: str, adopter: Adopter, found: Survey, rng: random.Random) -> AdoptionPlan:
     model = node.store.models[model_cid]
+    swarm = node.swarms.get(model_cid)
+    if swarm is not None and swarm.failure is not None:
+        failure = swarm.failure
+        await node.swarm_for(model)  # a fresh swarm for the next round; this one's wants are dropped
+        raise NodeError(f"fetching adopted fragments failed: {failure}")
     swarm = await node.swarm_for(model)
     fetching = {k for k in swarm.wanted if k < len(model.have) and not model.have[k]}
     mine = {k for k, h in enumerate(model.have) if h} | fetching
     me = str(node.peer_id)
     fragments = [FragmentInfo(_key(model, k), e.size) for k, e in enumerate(model.manifest.fragments)]
-    holders = [{p for p, have in found.holdings.items() if p != me and have[k]} for k in range(len(fragments))]
+    # A copy on its way counts: another adopter that took a fragment a round ago
+    # is still fetching it, and a second copy is not needed.
+    coming = {p: f for p, f in found.fetching.items() if p != me}
+    holders = [
+        {p for p, have in found.holdings.items() if p != me and (have[k] or (p in coming and coming[p][k]))}
+        for k in range(len(fragments))
+    ]
     plan = adopter.plan(fragments, holders, set(found.holdings) | {me}, mine, trio.current_time(), rng)
-    if plan.take:
+    if plan.take or fetching:  # the holders of this round: those of earlier takes may have left
         swarm.add_peers([found.peers[p] for p in found.holdings if p in found.peers])
+    if plan.take:
         swarm.want([*plan.take, len(model.have)])  # and the header: a folder with it can be read and served
     return plan
 

@@ -16,6 +16,7 @@ Every fragment is checked against the manifest's SHA-256 as it is read.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from .node import Node, NodeConfig, open_node
 from .pull import PullOptions, pull_model
 
 __all__ = ["SyncNode", "get_tensor", "read_tensor", "tensor_names"]
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -88,6 +90,8 @@ class SyncNode:
         self._node: Node | None = None
         self._stop: trio.Event | None = None
         self._started: queue.Queue[BaseException | None] = queue.Queue()
+        self._crash: BaseException | None = None
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="gguf-swarm-node", daemon=True)
 
     def __enter__(self) -> SyncNode:
@@ -104,10 +108,14 @@ class SyncNode:
             raise error
 
     def close(self) -> None:
-        if self._token is not None and self._stop is not None:
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        with self._lock:
+            token, self._token = self._token, None
+        if token is not None and self._stop is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=token)
+            except trio.RunFinishedError:
+                pass  # the node's loop already ended (it crashed: _call reports why)
             self._thread.join()
-            self._token = None
 
     def addrs(self) -> list[str]:
         """Where peers reach this node (multiaddrs with /p2p/ id)."""
@@ -124,14 +132,17 @@ class SyncNode:
         return self._call(lambda node: _async(tensor_names, node, model_cid))
 
     def _call(self, work: Callable[[Node], Awaitable[T]]) -> T:
-        if self._token is None or self._node is None:
+        token, node = self._token, self._node
+        if token is None or node is None:
             raise NodeError("the node is not running")
-        node = self._node
 
         async def run() -> T:
             return await work(node)
 
-        return trio.from_thread.run(run, trio_token=self._token)
+        try:
+            return trio.from_thread.run(run, trio_token=token)
+        except trio.RunFinishedError:
+            raise NodeError(f"the node stopped: {self._crash!r}" if self._crash else "the node stopped") from None
 
     def _run(self) -> None:
         async def main() -> None:
@@ -144,11 +155,12 @@ class SyncNode:
 
         try:
             trio.run(main)
-        except BaseException as e:  # reported to start(), which the caller is blocked in
-            if self._token is None:
-                self._started.put(e)
+        except BaseException as e:
+            if self._token is None and self._node is None:
+                self._started.put(e)  # start() is waiting for it
             else:
-                raise
+                self._crash = e  # later calls say why the node is gone
+                log.error("node thread ended: %r", e)
 
 
 async def _async(fn: Callable[..., T], *args: object) -> T:

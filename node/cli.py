@@ -45,6 +45,10 @@ from .pull import PullOptions, pull_model
 from .store import Store
 from .survey import survey
 
+# `where`'s exit status while some layer has fewer copies than asked: not 1, so a
+# script can tell an under-replicated model from an error (nobody reachable).
+SHORT_OF_COPIES = 3
+
 
 def version() -> str:
     try:
@@ -321,7 +325,7 @@ def cmd_where(args: argparse.Namespace) -> int:
             color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
             print(f"{found.manifest.model_name} ({args.model_cid})")
             print(render(cov, min_copies=args.min_copies, color=color, width=shutil.get_terminal_size().columns))
-        return 1 if cov.under(args.min_copies) else 0  # scripts: non-zero while some layer is short of copies
+        return SHORT_OF_COPIES if cov.under(args.min_copies) else 0
 
     with tempfile.TemporaryDirectory(prefix="gguf-swarm-where-") as scratch:  # no data dir: a throwaway identity
         try:
@@ -420,12 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--layers", metavar="RANGES", help="only these layers' tensors, e.g. 3-5 or 0,2,7-9")
     part.add_argument("--tensors", action="append", metavar="GLOB", help="only tensors matching GLOB (repeatable)")
     part.add_argument("--with-embeddings", action="store_true", help="with --layers: the token embeddings too")
-    part.add_argument("--with-output", action="store_true", help="with --layers: the output norm and head too")
+    part.add_argument(
+        "--with-output", action="store_true", help="with --layers: the output norm and head (token_embd if tied)"
+    )
     _node_arguments(p)
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser(
         "where",
-        help="map which peers hold which layers of a model, with copy counts (exit 1 while a layer has < K copies)",
+        help="map which peers hold which layers of a model, with copy counts (exit 3 while a layer has < K copies)",
     )
     p.add_argument("model_cid")
     p.add_argument("--min-copies", type=_copies, default=1, metavar="K", help="flag layers held by fewer than K peers")

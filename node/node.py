@@ -110,6 +110,14 @@ class Node:
                 self.swarms[model.cid] = swarm
         return swarm
 
+    def fetching_of(self, model_cid: str) -> list[bool] | None:
+        """Fragments of a model this node is fetching now (wanted, not yet held)."""
+        swarm = self.swarms.get(model_cid)
+        if swarm is None or swarm.failure is not None:
+            return None
+        have = swarm.model.have
+        return [k in swarm.wanted and not held for k, held in enumerate(have)]
+
     async def handle_exchange(self, stream: INetStream) -> None:
         """An inbound session: its Hello names the model. Never raises (an
         exception escaping a libp2p handler kills the host)."""
@@ -266,6 +274,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             dht._provider_rate_max = config.provider_rate_max
             host.set_stream_handler(PROTOCOL_ID, server.handle)
             node = Node(config, host, dht, store, server)
+            server.fetching_of = node.fetching_of
             node.nursery = nursery
             host.set_stream_handler(EXCHANGE_PROTOCOL_ID, node.handle_exchange)
             async with background_trio_service(dht):

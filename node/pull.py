@@ -22,8 +22,9 @@ import trio
 from libp2p.peer.id import ID
 
 from fragmenter import FragmenterError, Manifest, parse_manifest
-from fragmenter.manifest import MAX_MANIFEST_BYTES, load_manifest_json
+from fragmenter.manifest import HEADER_NAME, MAX_MANIFEST_BYTES, load_manifest_json
 from fragmenter.selection import Selection
+from fragmenter.tokenizer import TOKENIZER_JSON
 from protocol import HaveRequest, ManifestRequest
 from protocol.cid import cid_from_digest
 
@@ -31,7 +32,7 @@ from .client import Session, request_have
 from .host import NodeError
 from .node import Node
 from .store import LocalModel
-from .swarm import ModelSwarm
+from .swarm import ModelSwarm, SwarmFailed, Want
 
 __all__ = ["PullOptions", "PullStats", "fetch_manifest", "find_holders", "pull_model"]
 
@@ -80,28 +81,34 @@ async def pull_model(node: Node, model_cid: str, options: PullOptions | None = N
 
     swarm = await node.swarm_for(model)
     swarm.on_event = opts.on_event
-    swarm.want([*wanted, len(model.have)])  # and the header, file n: every part needs it
+    transfer_start = time.monotonic()
+    before = (swarm.stats.bytes_fetched, dict(swarm.stats.bytes_by_peer), swarm.stats.last_block)
     try:
-        await _transfer(node, swarm, peers, opts)
+        handle = swarm.want([*wanted, len(model.have)])  # and the header, file n: every part needs it
+    except SwarmFailed as e:
+        raise NodeError(str(e)) from None
+    try:
+        await _transfer(node, swarm, handle, peers, opts)
     except BaseExceptionGroup as group:  # a nursery's wrapping: the caller wants the NodeError itself
         errors = group.subgroup(NodeError)
         if errors is None:
             raise
         raise _first(errors) from None
 
+    # This pull's share of what the model's swarm (which may outlive it) has done.
     s = swarm.stats
-    stats.bytes_fetched = s.bytes_fetched
+    stats.bytes_fetched = s.bytes_fetched - before[0]
     stats.fragments_fetched = sum(1 for i, h in enumerate(model.have) if h and i not in had)
-    stats.bytes_by_peer = dict(s.bytes_by_peer)
+    stats.bytes_by_peer = {p: n - before[1].get(p, 0) for p, n in s.bytes_by_peer.items() if n > before[1].get(p, 0)}
     stats.bad_peers = set(s.bad_peers)
-    if s.first_request is not None and s.last_block is not None:
-        stats.transfer_seconds = s.last_block - s.first_request
+    if s.first_request is not None and s.last_block is not None and s.last_block != before[2]:
+        stats.transfer_seconds = s.last_block - max(s.first_request, transfer_start)
     stats.seconds = time.monotonic() - start
     return model, stats
 
 
-async def _transfer(node: Node, swarm: ModelSwarm, peers: list[ID], opts: PullOptions) -> None:
-    """Every block in, and the tokenizer files written from the header meanwhile."""
+async def _transfer(node: Node, swarm: ModelSwarm, handle: Want, peers: list[ID], opts: PullOptions) -> None:
+    """Every block wanted in, and the tokenizer files written from the header meanwhile."""
     model = swarm.model
     with node.transferring():
         node.announce_model(model)  # the model CID at once: we serve blocks as soon as they are in
@@ -113,14 +120,16 @@ async def _transfer(node: Node, swarm: ModelSwarm, peers: list[ID], opts: PullOp
                 tokenizer_done.set()
 
             header = len(model.have)
-            if model.header_present:
+            if (model.folder / TOKENIZER_JSON).exists():
+                tokenizer_done.set()  # an earlier pull of this model (or part of it) wrote it
+            elif model.header_present:
                 nursery.start_soon(tokenizer)
             else:
                 swarm.on_file_complete = lambda k: nursery.start_soon(tokenizer) if k == header else None
             try:
                 swarm.add_peers(peers)
                 nursery.start_soon(_discover, node, swarm, opts)
-                await _wait(swarm, opts)
+                await _wait(swarm, handle, opts)
                 await tokenizer_done.wait()
                 nursery.cancel_scope.cancel()
             finally:
@@ -142,24 +151,23 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return leaf
 
 
-async def _wait(swarm: ModelSwarm, opts: PullOptions) -> None:
-    """Until every block is in; NodeError when the swarm fails or stays silent."""
+async def _wait(swarm: ModelSwarm, handle: Want, opts: PullOptions) -> None:
+    """Until this pull's files are in; NodeError when the swarm fails or stays silent."""
     last_bytes, last_change = -1, time.monotonic()
     while True:
         with trio.move_on_after(1.0):
-            await swarm.complete.wait()
+            await handle.done.wait()
         if swarm.failure is not None:
             raise NodeError(str(swarm.failure))
-        if swarm.complete.is_set():
+        if handle.done.is_set():
             return
         received = swarm.stats.bytes_fetched  # verified: bytes that arrive and go nowhere are no progress
         if received != last_bytes:
             last_bytes, last_change = received, time.monotonic()
         elif time.monotonic() - last_change > opts.stall_timeout:
-            model = swarm.model
-            fragments = model.manifest.fragments
-            missing = [fragments[k].file_name for k in sorted(swarm.wanted) if k < len(fragments) and not model.have[k]]
-            names = ([] if model.header_present else ["gguf_header.dat"]) + missing
+            fragments = swarm.model.manifest.fragments
+            names = [fragments[k].file_name if k < len(fragments) else HEADER_NAME for k in sorted(handle.missing)]
+            names.sort(key=lambda name: name != HEADER_NAME)
             raise NodeError(
                 f"stalled: no block verified for {opts.stall_timeout:.0f} s, with {len(swarm.links)} peer(s); "
                 f"{len(names)} file(s) missing, e.g. {', '.join(names[:3])}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from protocol import (
     Data,
     Error,
     ErrorCode,
+    FetchingRequest,
     FragmentRequest,
     FrameDecoder,
     Have,
@@ -74,6 +75,8 @@ class FragmentServer:
     # same model asks them in turn (BitTorrent's incoming peers), so pullers
     # find each other without waiting for the DHT.
     askers: dict[str, dict[ID, None]] = field(default_factory=dict)
+    # model CID -> fragment k being fetched now (set by the node: its swarms know); None: nothing
+    fetching_of: Callable[[str], list[bool] | None] = lambda cid: None
     _bucket: TokenBucket | None = None
     _handlers: set[trio.CancelScope] = field(default_factory=set)
 
@@ -153,6 +156,13 @@ class FragmentServer:
                 self._remember_asker(request.model_cid, stream.muxed_conn.peer_id)
                 have = model.have
                 await self._write(stream, encode_frame(Have(len(have), encode_bitfield(have))))
+        elif isinstance(request, FetchingRequest):
+            model = self.store.models.get(request.model_cid)
+            if model is None:
+                await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
+            else:
+                fetching = self.fetching_of(request.model_cid) or [False] * len(model.have)
+                await self._write(stream, encode_frame(Have(len(fetching), encode_bitfield(fetching))))
         elif isinstance(request, FragmentRequest):
             await self._send_fragment(stream, request)
         else:

@@ -15,9 +15,9 @@ import trio
 from libp2p.peer.id import ID
 
 from fragmenter import Manifest
-from protocol import HaveRequest, decode_bitfield
+from protocol import FetchingRequest, HaveRequest, decode_bitfield
 
-from .client import request_have
+from .client import Session
 from .host import NodeError
 from .node import Node
 from .pull import fetch_manifest
@@ -31,6 +31,7 @@ class Survey:
     manifest: Manifest
     manifest_bytes: bytes  # what hashes to the model CID (to start a folder for the model)
     holdings: dict[str, list[bool]]  # peer id -> fragment k held (manifest order); this node included when it holds any
+    fetching: dict[str, list[bool]]  # peer id -> fragment k being fetched now (copies on their way); peers fetching any
     peers: dict[str, ID]  # the peers of `holdings`, to dial
 
 
@@ -44,14 +45,23 @@ async def survey(node: Node, model_cid: str, *, find_timeout: float = 10.0) -> S
     candidates |= {info.peer_id for info in await node.find_providers(model_cid, timeout=find_timeout)}
     candidates.discard(node.peer_id)
     haves: dict[ID, tuple[int, bytes]] = {}
+    fetches: dict[ID, tuple[int, bytes]] = {}
 
     async def ask(peer: ID) -> None:
         try:
             with trio.fail_after(HAVE_TIMEOUT):
-                have = await request_have(node.host, peer, HaveRequest(model_cid))
-            haves[peer] = (have.count, have.bitfield)
+                session = await Session.open(node.host, peer)
+                try:
+                    await session.send(HaveRequest(model_cid))
+                    await session.send(FetchingRequest(model_cid))  # last: older nodes reset the stream on it
+                    have = await session.read_have()
+                    haves[peer] = (have.count, have.bitfield)
+                    fetching = await session.read_have()
+                    fetches[peer] = (fetching.count, fetching.bitfield)
+                finally:
+                    await session.close()
         except Exception as e:
-            log.info("no have-set from %s: %r", peer, e)  # not a holder, or unreachable
+            log.info("no have-set from %s: %r", peer, e)  # not a holder, unreachable, or an older node
 
     async with trio.open_nursery() as nursery:
         for peer in candidates:
@@ -67,6 +77,7 @@ async def survey(node: Node, model_cid: str, *, find_timeout: float = 10.0) -> S
         manifest_bytes, manifest = await fetch_manifest(node, model_cid, holders)
     count = len(manifest.fragments)
     holdings: dict[str, list[bool]] = {}
+    fetching: dict[str, list[bool]] = {}
     peers: dict[str, ID] = {}
     for peer, (n, bits) in haves.items():
         if n != count:
@@ -75,8 +86,11 @@ async def survey(node: Node, model_cid: str, *, find_timeout: float = 10.0) -> S
         try:
             holdings[str(peer)] = decode_bitfield(bits, count)
             peers[str(peer)] = peer
+            n_fetching, fetching_bits = fetches.get(peer, (0, b""))
+            if n_fetching == count and any(fetching_bits):
+                fetching[str(peer)] = decode_bitfield(fetching_bits, count)
         except Exception as e:  # already validated by the decoder; a bad one is ignored, never fatal
             log.info("bad have-set from %s: %r", peer, e)
     if local is not None and (any(local.have) or local.header_present):
         holdings[str(node.peer_id)] = list(local.have)
-    return Survey(manifest, manifest_bytes, holdings, peers)
+    return Survey(manifest, manifest_bytes, holdings, fetching, peers)

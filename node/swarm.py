@@ -106,6 +106,14 @@ class SwarmStats:
     last_block: float | None = None
 
 
+class Want:
+    """One caller's files (see ModelSwarm.want)."""
+
+    def __init__(self, missing: set[int]) -> None:
+        self.missing = missing  # files not in yet
+        self.done = trio.Event()
+
+
 class SwarmFailed(Exception):
     """The pull cannot go on (bad manifest, disk error, nothing left to fetch from)."""
 
@@ -129,6 +137,7 @@ class PeerLink:
         self.strikes = 0
         self.scope = trio.CancelScope()
         self.ready = False  # the peer's Hello arrived
+        self.ready_at = now  # when it did
         self.bytes_in = 0  # on the wire, control frames included
         self.bytes_out = 0
 
@@ -156,6 +165,8 @@ class ModelSwarm:
         self.wanted: set[int] = set()  # files (fragment k; the header is file n)
         self.wanted_bytes = 0
         self.wanted_done = 0  # bytes of wanted files held (for progress)
+        self._wants: list[Want] = []  # callers waiting for files
+        self._waiting_on: dict[int, list[Want]] = {}  # file -> the callers waiting for it
         self.seeding: SuperSeeding | None = None
         if self.blocks.complete and node.config.serve.initial_seeding:
             self.seeding = SuperSeeding(
@@ -205,22 +216,31 @@ class ModelSwarm:
         except Exception:
             log.exception("event callback failed on %r", event)
 
-    def want(self, files: Iterable[int]) -> None:
+    def want(self, files: Iterable[int]) -> Want:
         """Fetch these files too (fragment k; the header is file n), from every
         peer with a session now or later. Wanting more after a pull ended starts
-        a new picker from what the connected peers have told us."""
-        new = {k for k in files if k not in self.wanted}
+        a new picker from what the connected peers have told us. The returned
+        handle's `done` is set when these files are in (or the swarm failed):
+        each caller waits for its own files, whatever others want."""
+        if self.failure is not None:
+            raise SwarmFailed(str(self.failure))
+        handle = Want({k for k in files if not self.blocks.file_complete(k)})
+        if handle.missing:
+            self._wants.append(handle)
+            for k in handle.missing:
+                self._waiting_on.setdefault(k, []).append(handle)
+        else:
+            handle.done.set()
+        new = {k for k in handle.missing if k not in self.wanted}
         if not new:
-            return
+            return handle
         self.wanted |= new
         layout, blocks = self.layout, self.blocks
         self.wanted_bytes += sum(layout.sizes[k] for k in new)
         new_blocks = [b for k in sorted(new) for b in layout.file_blocks(k)]
         self.wanted_done += layout.block_bytes([b for b in new_blocks if blocks.has_block(b)])
         missing = [b for b in new_blocks if not blocks.has_block(b)]
-        if not missing:
-            return
-        if self.picker is not None and not self.complete.is_set():
+        if self.picker is not None:
             self.picker.want(missing)
         else:
             wanted = {b for k in self.wanted for b in layout.file_blocks(k) if not blocks.has_block(b)}
@@ -236,6 +256,14 @@ class ModelSwarm:
             self.picker = picker
             self.complete = trio.Event()
         self._dial_known(trio.current_time())
+        return handle
+
+    def _file_done(self, file: int) -> None:
+        for handle in self._waiting_on.pop(file, ()):
+            handle.missing.discard(file)
+            if not handle.missing:
+                handle.done.set()
+                self._wants.remove(handle)
 
     def add_peers(self, peers: list[ID]) -> None:
         now = trio.current_time()
@@ -249,6 +277,8 @@ class ModelSwarm:
         if self.failure is None:
             self.failure = error
         self.complete.set()
+        for handle in self._wants:
+            handle.done.set()  # its caller finds self.failure
 
     def _tick(self, now: float) -> None:
         if self.picker is not None and not self.complete.is_set():
@@ -259,7 +289,7 @@ class ModelSwarm:
             for link in list(self.links.values()):
                 if not link.ready:
                     continue
-                if not link.session.peer_interested and now - link.joined >= UNINTERESTED_AFTER:
+                if not link.session.peer_interested and now - link.ready_at >= UNINTERESTED_AFTER:
                     self._send_haves(link, self.seeding.uninterested(link.peer, now))
                 else:
                     self._reveal(link, now)
@@ -479,6 +509,7 @@ class ModelSwarm:
         now = trio.current_time()
         if isinstance(event, Hello):
             link.ready = True
+            link.ready_at = now
             self._send_initial_haves(link, now)
             self._send_peers(link)
         elif isinstance(event, Bitfield | HaveBlocks):
@@ -725,6 +756,7 @@ class ModelSwarm:
             file = self.layout.file_of(block)
             if file < len(self.model.have):
                 self.node.announce_fragment(self.model.fragment_cids[file])
+            self._file_done(file)
             try:
                 self.on_file_complete(file)
             except Exception:

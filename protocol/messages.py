@@ -11,6 +11,10 @@ One request per stream:
     client                              server
     ManifestRequest(model)     ->       Data(size) + manifest bytes | Error
     HaveRequest(model)         ->       Have(count, bitfield)      | Error
+    FetchingRequest(model)     ->       Have(count, bitfield of fragments being fetched) | Error
+
+FetchingRequest is newer than the rest: a node that predates it answers
+BAD_REQUEST and resets the stream, so ask it last on a stream.
     FragmentRequest(cid, off, len) ->   Data(size) + bytes         | Error
 """
 
@@ -48,6 +52,14 @@ class HaveRequest:
 
 
 @dataclass(frozen=True)
+class FetchingRequest:
+    """Which fragments of a model the node is fetching now: copies on their way
+    (adopters count them, so two do not both restore the same fragment)."""
+
+    model_cid: str
+
+
+@dataclass(frozen=True)
 class FragmentRequest:
     cid: str
     offset: int = 0
@@ -71,7 +83,7 @@ class Error:
     message: str
 
 
-Request = ManifestRequest | HaveRequest | FragmentRequest
+Request = ManifestRequest | HaveRequest | FetchingRequest | FragmentRequest
 Response = Have | Data | Error
 Message = Request | Response
 
@@ -81,6 +93,8 @@ def to_wire(msg: Message) -> dict[str, Any]:
         return {"t": "manifest", "model": msg.model_cid}
     if isinstance(msg, HaveRequest):
         return {"t": "have?", "model": msg.model_cid}
+    if isinstance(msg, FetchingRequest):
+        return {"t": "fetching?", "model": msg.model_cid}
     if isinstance(msg, FragmentRequest):
         d: dict[str, Any] = {"t": "get", "cid": msg.cid, "offset": msg.offset}
         if msg.length is not None:
@@ -124,6 +138,7 @@ def _count(d: dict[Any, Any], name: str, limit: int) -> int:
 _KNOWN_FIELDS = {
     "manifest": {"t", "model"},
     "have?": {"t", "model"},
+    "fetching?": {"t", "model"},
     "get": {"t", "cid", "offset", "length"},
     "have": {"t", "count", "bits"},
     "data": {"t", "size"},
@@ -144,6 +159,8 @@ def from_wire(d: Any) -> Message:
         return ManifestRequest(_cid(d, "model"))
     if kind == "have?":
         return HaveRequest(_cid(d, "model"))
+    if kind == "fetching?":
+        return FetchingRequest(_cid(d, "model"))
     if kind == "get":
         length = _count(d, "length", MAX_FRAGMENT_BYTES) if "length" in d else None
         return FragmentRequest(_cid(d, "cid"), _count(d, "offset", MAX_FRAGMENT_BYTES), length)

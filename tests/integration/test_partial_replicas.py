@@ -133,10 +133,11 @@ async def test_partial_pull_adds_to_the_folder_and_assemble_names_what_is_missin
         assert held == {
             *(f"blk.{i}.{t}.weight" for i in (0, 1, 4) for t in ("attn_q", "ffn_up")),
             "output_norm.weight",
+            "token_embd.weight",  # no output.weight: the head is tied to the embeddings
             "rope_freqs.weight",  # shared by every layer: comes with --layers
         }
         assert held_summary(got.manifest, got.have).layers == "0-1,4"
-        with pytest.raises(fr.FragmenterError, match=r"\d+ of \d+ fragments missing \(embeddings, layers 2-3,5; e.g"):
+        with pytest.raises(fr.FragmenterError, match=r"\d+ of \d+ fragments missing \(layers 2-3,5; e.g"):
             fr.assemble(got.folder, tmp_path / "out.gguf")
         assert not (tmp_path / "out.gguf").exists()
         # Then the rest: a whole pull completes the same folder, and it assembles byte-identical.
@@ -151,6 +152,27 @@ async def test_partial_pull_adds_to_the_folder_and_assemble_names_what_is_missin
         assert np.array_equal(
             read_tensor(got.folder, "blk.4.attn_q.weight"), original_tensor(model, "blk.4.attn_q.weight")
         )
+
+
+async def test_a_pull_ends_when_its_own_layers_are_in_whatever_else_the_node_waits_for(tmp_path: Path) -> None:
+    layered_model(tmp_path / "seed")
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        seed, stop_seed = await nursery.start(node_in_task, tmp_path / "seed")
+        model_cid = next(iter(seed.store.models))
+        p = await stack.enter_async_context(node_at(tmp_path / "p", seed.addrs()[:1]))
+        await pull_model(p, model_cid, PullOptions(selection=Selection(layers=parse_layers("0-1"))))
+        with trio.fail_after(20):
+            await stop_seed()  # now nobody holds layer 3
+        q = await stack.enter_async_context(node_at(tmp_path / "q", p.addrs()[:1]))
+        stuck = PullOptions(selection=Selection(layers=frozenset({3})), stall_timeout=3600)
+        nursery.start_soon(pull_model, q, model_cid, stuck)  # waits for layer 3, which never comes
+        with trio.fail_after(30):
+            while model_cid not in q.swarms or not q.swarms[model_cid].wanted:
+                await trio.sleep(0.05)
+            got, stats = await pull_model(q, model_cid, PullOptions(selection=Selection(layers=frozenset({1}))))
+        assert held_summary(got.manifest, got.have).layers == "1"
+        assert set(stats.bytes_by_peer) == {str(p.peer_id)}
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_selection_that_matches_nothing_is_a_clear_error(tmp_path: Path) -> None:
@@ -199,7 +221,7 @@ async def test_where_maps_five_nodes_holding_different_layer_ranges(tmp_path: Pa
             "other": 5,
         }
 
-        # The CLI reports the same map, and exits 1 while some layer has fewer than --min-copies.
+        # The CLI reports the same map, and exits 3 while some layer has fewer than --min-copies.
         result = await trio.run_process(
             [*CLI, "where", model_cid, "--json", "--min-copies", "2", "--bootstrap", entry[0], "--listen", LOOPBACK[0]],
             capture_stdout=True,
@@ -207,7 +229,7 @@ async def test_where_maps_five_nodes_holding_different_layer_ranges(tmp_path: Pa
             check=False,
         )
         report = json.loads(result.stdout.decode().strip().splitlines()[-1])
-        assert result.returncode == 1, result.stderr.decode()[-500:]
+        assert result.returncode == 3, result.stderr.decode()[-500:]
         assert {r["label"]: r["copies"] for r in report["rows"]} == rows
         assert {r["label"] for r in report["rows"] if r["copies"] < 2} == {"embeddings", "output"}
 

@@ -13,6 +13,7 @@ from protocol import (
     Data,
     Error,
     ErrorCode,
+    FetchingRequest,
     FragmentRequest,
     FrameDecoder,
     Have,
@@ -43,6 +44,7 @@ def test_frame_golden_bytes() -> None:
 MESSAGES = [
     ManifestRequest(CID),
     HaveRequest(CID),
+    FetchingRequest(CID),
     FragmentRequest(CID),
     FragmentRequest(CID, 10, 20),
     Have(10, encode_bitfield([True, False] * 5)),
