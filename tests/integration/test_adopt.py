@@ -3,6 +3,8 @@ of every fragment while holders leave. Real libp2p nodes on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -12,8 +14,11 @@ import trio
 import fragmenter as fr
 from node.adopt import AdoptOptions, adopt
 from node.node import Node
+from tests.integration.test_cli_errors import assert_one_line_error
+from tests.integration.test_cli_node import CLI, LISTEN, seed_process
 from tests.integration.test_partial_replicas import layered_model, node_in_task
 from tests.integration.test_swarm import node_at
+from tests.processes import terminate
 
 K = 2
 
@@ -87,3 +92,44 @@ async def test_three_adopters_restore_two_copies_after_a_holder_leaves(tmp_path:
             assert all(node.store.models[model_cid].have[k] <= 1 for k in range(n))
         nursery.cancel_scope.cancel()
     assert any(e["event"] == "adopt" and e["taking"] for e in events)
+
+
+def test_cli_seed_adopt_takes_fragments_and_reports_them(tmp_path: Path) -> None:
+    layered_model(tmp_path / "seed")
+    manifest = fr.read_manifest(tmp_path / "seed" / "layered")
+    listed = subprocess.run(
+        [*CLI, "models", "--data-dir", str(tmp_path / "seed"), "--json"], capture_output=True, text=True
+    )
+    model_cid = json.loads(listed.stdout.splitlines()[0])["model_cid"]
+    bad = subprocess.run(
+        [*CLI, "seed", "--data-dir", str(tmp_path / "x"), "--adopt", model_cid], capture_output=True, text=True
+    )
+    assert_one_line_error(bad, "--adopt needs --budget")
+    with seed_process(tmp_path / "seed") as addr:
+        adopter = subprocess.Popen(
+            [*CLI, "seed", "--data-dir", str(tmp_path / "a"), *LISTEN, "--bootstrap", addr, "--json"]
+            + ["--adopt", model_cid, "--budget", "64KiB", "--min-copies", "2", "--adopt-interval", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert adopter.stdout is not None
+            deadline = time.monotonic() + 60
+            taken = None
+            while taken is None and time.monotonic() < deadline:
+                line = adopter.stdout.readline()
+                if line.startswith("{") and (event := json.loads(line))["event"] == "adopt" and event["taking"]:
+                    taken = event
+            assert taken is not None and 0 < taken["taking_bytes"] <= 64 * 1024
+            folder = tmp_path / "a" / model_cid
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and sum(1 for _ in folder.glob("layered_*.dat")) < taken["taking"]:
+                time.sleep(0.2)
+            held = [p for p in folder.glob("layered_*.dat")]
+            assert len(held) >= taken["taking"]
+            assert sum(p.stat().st_size for p in held) <= 64 * 1024  # the budget
+            assert fr.verify_folder(folder).bad == []
+            assert len(held) < len(manifest.fragments)
+        finally:
+            terminate(adopter)
