@@ -100,6 +100,8 @@ def cmd_fragment(args: argparse.Namespace) -> int:
         result = fragment_model(Path(args.model), Path(args.output), args.chunk_size, args.force, bar)
     if bar:
         bar.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     speed = result.file_size / max(result.seconds, 1e-9)
     emit(
         args,
@@ -112,6 +114,8 @@ def cmd_fragment(args: argparse.Namespace) -> int:
         file_size=result.file_size,
         file_sha256=result.file_sha256,
         seconds=round(result.seconds, 3),
+        tokenizer_files=result.tokenizer_files,
+        warnings=result.warnings,
     )
     return 0
 

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,7 +29,7 @@ from .fsio import open_staging_folder
 from .gguf_header import GGUFHeader, parse_header
 from .manifest import HEADER_NAME, MANIFEST_NAME, MAX_ALIGNMENT, build_manifest, fragment_entry, serialize
 from .plan import plan_file
-from .tokenizer import write_tokenizer_files
+from .tokenizer import UnsupportedVocabulary, write_tokenizer_files
 
 DEFAULT_CHUNK_SIZE = 10 * 1024 * 1024
 _READ_SIZE = 4 * 1024 * 1024
@@ -46,6 +46,7 @@ class FragmentResult:
     file_sha256: str
     seconds: float
     tokenizer_files: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Reader:
@@ -135,11 +136,15 @@ def fragment_model(
                     f"{gguf_path}: alignment {header.alignment} is larger than the {MAX_ALIGNMENT} a manifest allows"
                 )
             plan = plan_file(header, file_size, chunk_size)
+            warnings: list[str] = []
             try:
                 with open_staging_folder(Path(output), force) as staging, _Reader(f, progress, file_size) as reader:
                     entries, extra, header_sha, header_root = _write_fragments(reader, header, plan, staging, gguf_path)
                     file_sha = reader.finish()
-                    tokenizer_files = write_tokenizer_files(header, staging)
+                    try:
+                        tokenizer_files = write_tokenizer_files(header, staging)
+                    except UnsupportedVocabulary as e:  # the fragments are fine: say so, and go on
+                        tokenizer_files, warnings = [], [f"no tokenizer files: {e}"]
                     manifest = build_manifest(
                         header, gguf_path.name, file_size, file_sha, header_sha, header_root, chunk_size, entries, extra
                     )
@@ -155,6 +160,7 @@ def fragment_model(
         file_sha256=file_sha,
         seconds=time.monotonic() - start,
         tokenizer_files=tokenizer_files,
+        warnings=warnings,
     )
 
 

@@ -17,6 +17,9 @@
 - `tokenizer.model` (SentencePiece protobuf, BPE type) for SentencePiece
   vocabularies, encoded here by hand: it is a flat message and the protobuf
   runtime is not worth a dependency.
+- `tokenizer_config.json` and `special_tokens_map.json`: the special tokens,
+  `add_bos_token`/`add_eos_token` and the `chat_template` from the GGUF keys,
+  so `transformers.AutoTokenizer` loads the folder like a Hugging Face repo.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from .gguf_header import GGUFArray, GGUFHeader
 from .llama_pre import ADD_BOS, pre_tokenizer_regexes
 
 TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 TOKENIZER_MODEL = "tokenizer.model"
 
 # llama.cpp token types (the same numbers as SentencePiece's piece types).
@@ -125,28 +130,66 @@ def write_tokenizer_files(header: GGUFHeader, folder: Path) -> list[str]:
     if "tokenizer.ggml.tokens" not in header.metadata:
         return []
     vocab = _Vocab(header)
+    names = [TOKENIZER_JSON]
     if vocab.model == "llama":
         with _open_atomic(folder / TOKENIZER_JSON) as out:
             _write_tokenizer_json(out, _spm_parts(vocab), vocab, *spm_merges(vocab))
         with _open_atomic(folder / TOKENIZER_MODEL) as out:
             write_spm_model_proto(vocab, out)
-        return [TOKENIZER_JSON, TOKENIZER_MODEL]
-    if vocab.model in ("bert", "t5"):  # WordPiece, Unigram: small enough to build whole
+        names.append(TOKENIZER_MODEL)
+    elif vocab.model in ("bert", "t5"):  # WordPiece, Unigram: small enough to build whole
         build = _wpm_tokenizer if vocab.model == "bert" else _ugm_tokenizer
         with _open_atomic(folder / TOKENIZER_JSON) as out:
             out.write(json.dumps(build(vocab), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-        return [TOKENIZER_JSON]
-    if vocab.model == "gemma4" or (vocab.model == "gpt2" and vocab.pre in _UTF8_BPE_PRE):
+    elif vocab.model == "gemma4" or (vocab.model == "gpt2" and vocab.pre in _UTF8_BPE_PRE):
         with _open_atomic(folder / TOKENIZER_JSON) as out:
             _write_tokenizer_json(out, _utf8_bpe_parts(vocab), vocab, *bpe_merges(vocab))
-        return [TOKENIZER_JSON]
-    if vocab.model == "gpt2":
+    elif vocab.model == "gpt2":
         with _open_atomic(folder / TOKENIZER_JSON) as out:
             _write_tokenizer_json(out, _bpe_parts(vocab), vocab, *bpe_merges(vocab))
-        return [TOKENIZER_JSON]
-    raise FragmenterError(
-        f"tokenizer model {vocab.model!r} is not supported (only 'llama', 'gpt2', 'gemma4', 'bert' and 't5')"
-    )
+    else:
+        raise UnsupportedVocabulary(
+            f"tokenizer model {vocab.model!r} is not supported (only 'llama', 'gpt2', 'gemma4', 'bert' and 't5')"
+        )
+    return names + _write_hf_configs(vocab, header, folder)
+
+
+class UnsupportedVocabulary(FragmenterError):
+    """A vocabulary type we cannot write tokenizer files for (RWKV, say): the
+    fragments are still fine, so `fragment` warns and goes on."""
+
+
+def _write_hf_configs(vocab: _Vocab, header: GGUFHeader, folder: Path) -> list[str]:
+    """`tokenizer_config.json` and `special_tokens_map.json`, as a Hugging Face
+    repo has them beside `tokenizer.json`, so `transformers.AutoTokenizer`
+    loads the folder with the model's special tokens, BOS/EOS rules and chat template."""
+    special = {
+        role: vocab.token(i)
+        for role, i in (("bos_token", vocab.bos), ("eos_token", vocab.eos), ("unk_token", vocab.unk))
+        if vocab.token(i) is not None
+    }
+    pad = vocab.token(vocab._id(vocab.pad))
+    if pad is not None:
+        special["pad_token"] = pad
+    if vocab.model == "bert" and vocab.token(vocab.sep) is not None:
+        special["sep_token"] = vocab.token(vocab.sep)  # type: ignore[assignment]
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": vocab.add_bos,
+        "add_eos_token": vocab.add_eos,
+        "clean_up_tokenization_spaces": False,
+        **special,
+    }
+    template = header.metadata.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        config["chat_template"] = template
+    context = header.metadata.get(f"{vocab.arch}.context_length")
+    if isinstance(context, int) and context > 0:
+        config["model_max_length"] = context
+    for name, doc in ((TOKENIZER_CONFIG, config), (SPECIAL_TOKENS_MAP, special)):
+        with _open_atomic(folder / name) as out:
+            out.write(json.dumps(doc, ensure_ascii=False, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+    return [TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP]
 
 
 # Tokens llama.cpp turns into control tokens by their text, whatever their type in the

@@ -231,6 +231,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         result = fragment_model(model, folder, args.chunk_size, args.force, bar)
     if bar:
         bar.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     emit(
         args,
         f"published {result.model_cid} ({result.fragments} fragments) from {folder}",

@@ -67,7 +67,9 @@ def tensor_bytes(qtype: T, shape: tuple[int, ...], rng: np.random.Generator) -> 
     return quantize(values, qtype)
 
 
-def _writer(path: Path, arch: str, vocab: bool, alignment: int | None) -> gguf.GGUFWriter:
+def _writer(
+    path: Path, arch: str, vocab: bool, alignment: int | None, tokenizer_model: str = "llama"
+) -> gguf.GGUFWriter:
     """A writer holding the metadata every test model has."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(2)
@@ -78,7 +80,7 @@ def _writer(path: Path, arch: str, vocab: bool, alignment: int | None) -> gguf.G
     if alignment is not None:
         w.add_custom_alignment(alignment)
     if vocab:
-        w.add_tokenizer_model("llama")
+        w.add_tokenizer_model(tokenizer_model)
         w.add_token_list(SPM_TOKENS)
         w.add_token_scores([0.0] * 4 + [0.0] * 256 + [-float(i) for i in range(18)] + [0.0])
         w.add_token_types(SPM_TYPES)
@@ -90,10 +92,18 @@ def _writer(path: Path, arch: str, vocab: bool, alignment: int | None) -> gguf.G
     return w
 
 
-def write_vocab_only(path: Path, alignment: int | None = None, padded: bool = False) -> Path:
+def write_vocab_only(
+    path: Path,
+    alignment: int | None = None,
+    padded: bool = False,
+    chat_template: str | None = None,
+    tokenizer_model: str = "llama",
+) -> Path:
     """A GGUF with metadata and no tensors, like llama.cpp's models/ggml-vocab-*.gguf:
     by default it ends right after the metadata, with no alignment padding."""
-    w = _writer(path, "llama", True, alignment)
+    w = _writer(path, "llama", True, alignment, tokenizer_model)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     if padded:

@@ -79,3 +79,18 @@ def test_special_tokens_in_the_text_match_llama_cpp(gemma_folder: Path) -> None:
     check_special_cases(
         tok, json.loads((FIXTURES / "llama-cpp-ids.json").read_text(encoding="utf-8"))["special"]["gemma3"]
     )
+
+
+def test_transformers_autotokenizer_loads_the_folder_like_a_hub_repo(gemma_folder: Path) -> None:
+    """tokenizer_config.json + special_tokens_map.json beside tokenizer.json: AutoTokenizer
+    gives llama.cpp's ids (BOS added as the GGUF says) and knows the special tokens.
+    (This GGUF carries no chat template; tests/unit/test_tokenizer.py covers one.)"""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(gemma_folder))
+    for case in json.loads((FIXTURES / "gemma3-270m-q4_k_m.tokens.json").read_text()):
+        assert tok(case["text"])["input_ids"] == case["ids"], case["text"]
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
+    turn = tok("<start_of_turn>user\nHello<end_of_turn>", add_special_tokens=False)["input_ids"]
+    assert turn[0] == tok.convert_tokens_to_ids("<start_of_turn>") and turn[-1] == tok.convert_tokens_to_ids(
+        "<end_of_turn>"
+    )

@@ -149,7 +149,12 @@ def test_a_model_without_tensors_is_a_header_only_folder(tmp_path: Path, padded:
     # padding outside the header (manifest._check_layout).
     model = write_vocab_only(tmp_path / "vocab.gguf", padded=padded)
     result = fr.fragment_model(model, tmp_path / "frag")
-    assert result.fragments == 0 and result.tokenizer_files == ["tokenizer.json", "tokenizer.model"]
+    assert result.fragments == 0 and result.tokenizer_files == [
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
     manifest = fr.read_manifest(tmp_path / "frag")
     assert manifest.fragments == [] and manifest.header_size == manifest.file_size == model.stat().st_size
     assert fr.verify_folder(tmp_path / "frag").ok and fr.validate_folder(tmp_path / "frag").ok
