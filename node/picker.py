@@ -196,6 +196,35 @@ class BlockPicker:
             st.mask = int.from_bytes(bits, "little")
             self._shift(added, st.mask ^ old, +1)
 
+    def peer_lacks(self, peer: Peer, blocks: Iterable[int]) -> None:
+        """The peer no longer holds these blocks (it dropped a file that went bad
+        on its disk). A seed becomes an ordinary peer: O(blocks) once. Its
+        requests for them end (the node sees them rejected)."""
+        st = self._peers.get(peer)
+        if st is None:
+            return
+        lost = {b for b in blocks if 0 <= b < self.total_blocks and st.has(b)}
+        if not lost:
+            return
+        for b in lost & st.requested:
+            st.requested.discard(b)
+            self._unrequest(peer, b)
+        if st.seed:
+            self._seeds -= 1
+            st.seed = False
+            st.bits = bytearray(self._nbytes)
+            st.mask = 0
+            st.count = 0
+            self.peer_has(peer, (b for b in range(self.total_blocks) if b not in lost))
+            return
+        assert st.bits is not None
+        for b in lost:
+            st.bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF
+        st.count -= len(lost)
+        mask = _pack(lost)
+        st.mask ^= mask
+        self._shift(sorted(lost), mask, -1)
+
     def peer_has_all(self, peer: Peer) -> None:
         """The peer is a seed: O(1) for a new peer, O(blocks it had announced) otherwise."""
         st = self._peers.get(peer)

@@ -54,6 +54,7 @@ from protocol.exchange import (
     HaveBlocks,
     Hello,
     Interested,
+    Lost,
     NotInterested,
     PeerExchange,
     RejectBlock,
@@ -165,6 +166,7 @@ class ModelSwarm:
         self.wanted: set[int] = set()  # files (fragment k; the header is file n)
         self.wanted_bytes = 0
         self.wanted_done = 0  # bytes of wanted files held (for progress)
+        self._lost_told: set[int] = set()  # files we dropped (bad on disk) and told our peers of
         self._wants: list[Want] = []  # callers waiting for files
         self._waiting_on: dict[int, list[Want]] = {}  # file -> the callers waiting for it
         self.seeding: SuperSeeding | None = None
@@ -447,6 +449,7 @@ class ModelSwarm:
             data = await trio.to_thread.run_sync(self.blocks.read_block, block)
             if data is None:
                 link.uploading = None
+                self._tell_lost(self.layout.file_of(block))  # first: the reject below is then no lie
                 if session.peer_requests.get(block) == 0:
                     link.send(RejectBlock(block))
                 continue
@@ -473,6 +476,19 @@ class ModelSwarm:
                 now = trio.current_time()
                 self.seeding.sent(link.peer, block, now)
                 self._reveal(link, now)
+
+    def _tell_lost(self, file: int) -> None:
+        """If the file went bad on our disk and was dropped, every peer hears it
+        once: haves only grow otherwise, and they would keep asking us for it."""
+        if file in self._lost_told or any(self.blocks.has_block(b) for b in self.layout.file_blocks(file)):
+            return
+        self._lost_told.add(file)
+        seeding, self.seeding = self.seeding, None  # its shares assume we hold everything: no longer so
+        for link in self.links.values():
+            if link.ready:
+                if seeding is not None:
+                    self._send_bitfield(link, self.blocks.have)  # all we hold, not just each peer's share
+                link.send(Lost(file))
 
     def _next_upload(self, link: PeerLink) -> int | None:
         for block, sent in link.session.peer_requests.items():
@@ -547,6 +563,10 @@ class ModelSwarm:
             self._on_hashes(link, event)
         elif isinstance(event, PeerExchange):
             self._on_pex(link, event)
+        elif isinstance(event, Lost):
+            if self.picker is not None:
+                self.picker.peer_lacks(link.peer, self.layout.file_blocks(event.file))
+                self._update_interest(link)
         elif isinstance(event, Error):
             log.info("peer %s closed the session: %s", link.peer, event.message)
 
@@ -757,6 +777,7 @@ class ModelSwarm:
             if file < len(self.model.have):
                 self.node.announce_fragment(self.model.fragment_cids[file])
             self._file_done(file)
+            self._lost_told.discard(file)  # held again: the HAVEs just sent say so
             try:
                 self.on_file_complete(file)
             except Exception:

@@ -17,6 +17,7 @@ digest. Non-goal: state. Which message is allowed when lives in
     hashes?    {file}                   ask for the block digests of one file
     hashes     {file, digests}          32 bytes per block, b"" if not held
     pex        {addrs: [str]}           multiaddrs of other peers
+    lost       {file}                   no longer holds any block of this file (it went bad on disk)
     error      {code, message}          fatal goodbye
 """
 
@@ -119,6 +120,14 @@ class PeerExchange:
     addrs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Lost:
+    """The sender dropped every block of this file (it found it changed on disk):
+    haves only grow otherwise, so without this a peer would keep asking for them."""
+
+    file: int
+
+
 ExchangeMessage = (
     Hello
     | Bitfield
@@ -134,6 +143,7 @@ ExchangeMessage = (
     | HashesRequest
     | Hashes
     | PeerExchange
+    | Lost
     | Error
 )
 
@@ -160,6 +170,8 @@ def _to_wire(msg: ExchangeMessage) -> dict[str, Any]:
         return {"t": "hashes", "file": msg.file, "digests": msg.digests}
     if isinstance(msg, PeerExchange):
         return {"t": "pex", "addrs": list(msg.addrs)}
+    if isinstance(msg, Lost):
+        return {"t": "lost", "file": msg.file}
     if isinstance(msg, Error):
         return {"t": "error", "code": int(msg.code), "message": msg.message}
     raise TypeError(f"not an exchange message: {msg!r}"[:200])
@@ -204,6 +216,7 @@ _KNOWN_FIELDS = {
     "hashes?": {"t", "file"},
     "hashes": {"t", "file", "digests"},
     "pex": {"t", "addrs"},
+    "lost": {"t", "file"},
     "error": {"t", "code", "message"},
 }
 _BARE_BY_NAME = {name: kind() for kind, name in _BARE.items()}
@@ -259,6 +272,8 @@ def decode_exchange(obj: Any) -> ExchangeMessage:
         if len(digests) % 32:
             raise ProtocolError("digests are not a whole number of 32-byte hashes")
         return Hashes(file, digests)
+    if kind == "lost":
+        return Lost(_index(obj, "file"))
     if kind == "pex":
         addrs = _field(obj, "addrs", (list, tuple))
         if len(addrs) > MAX_PEX:

@@ -12,7 +12,8 @@ Theory of operation.
 
 - Both sides open with `Hello` (same model, same block count); `Error` is a
   fatal goodbye allowed at any time, after which nothing more is parsed or sent.
-- Availability only grows: `Bitfield` and `HaveBlocks` add to `peer_have`.
+- Availability grows with `Bitfield` and `HaveBlocks`; only `Lost` (a file
+  the peer found bad on disk and dropped) takes blocks out of `peer_have`.
 - Every request is answered exactly once: all of its chunks, in order, or one
   `RejectBlock` sent before any chunk. `CancelBlock` is only a hint: the
   cancelled request stays pending until its answer arrives, so both sides
@@ -44,6 +45,7 @@ from .exchange import (
     HaveBlocks,
     Hello,
     Interested,
+    Lost,
     NotInterested,
     PeerExchange,
     PieceChunk,
@@ -80,6 +82,7 @@ Event = (
     Hello
     | Bitfield
     | HaveBlocks
+    | Lost
     | Interested
     | NotInterested
     | Choke
@@ -272,6 +275,10 @@ class ExchangeSession:
             if msg.blocks and max(msg.blocks) >= self.layout.total_blocks:
                 raise RemoteProtocolError("have of a block out of range")
             self._add_have(msg.blocks)
+        elif isinstance(msg, Lost):
+            if msg.file >= self.layout.file_count:
+                raise RemoteProtocolError("lost a file out of range")
+            self._remove_file(msg.file)
         elif isinstance(msg, Bitfield):
             problem = self._bitfield_problem(msg)
             if problem:
@@ -339,6 +346,14 @@ class ExchangeSession:
         self.peer_have_count += (new & ~old).bit_count()
         self.peer_have[lo:hi] = (old | new).to_bytes(len(msg.bits), "big")
 
+    def _remove_file(self, file: int) -> None:
+        have = self.peer_have
+        for b in self.layout.file_blocks(file):
+            bit = 0x80 >> (b & 7)
+            if have[b >> 3] & bit:
+                have[b >> 3] &= ~bit & 0xFF
+                self.peer_have_count -= 1
+
     def _add_have(self, blocks: tuple[int, ...]) -> None:
         have = self.peer_have
         for b in blocks:
@@ -402,6 +417,9 @@ class ExchangeSession:
         elif isinstance(msg, HaveBlocks):
             if msg.blocks and max(msg.blocks) >= total:
                 raise LocalProtocolError("have of a block out of range")
+        elif isinstance(msg, Lost):
+            if msg.file >= self.layout.file_count:
+                raise LocalProtocolError("lost a file out of range")
         elif isinstance(msg, Bitfield):
             problem = self._bitfield_problem(msg)
             if problem:

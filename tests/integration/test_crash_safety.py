@@ -133,14 +133,13 @@ def pulled_event(proc: subprocess.CompletedProcess[str]) -> dict:
 
 
 def _stalled_naming(stderr: str, name: str) -> bool:
-    """The pull's one error line says it stalled and names what is missing (log lines may
-    precede it). It names `name` unless more than three files are missing: a seed that
-    keeps refusing blocks it once claimed can be dropped by the puller, and then every
-    file it had not sent yet is missing too (the error lists three of them)."""
+    """The pull's one error line says it stalled and names the one file missing (log
+    lines may precede it): the seed told the puller it lost that file (a `lost`
+    message), so the puller neither struck nor dropped it and got every other file."""
     for line in stderr.splitlines():
         found = re.search(r"(\d+) file\(s\) missing", line)
         if line.startswith("error: stalled") and found:
-            return name in line or int(found.group(1)) > 3
+            return name in line and int(found.group(1)) == 1
     return False
 
 

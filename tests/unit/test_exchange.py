@@ -48,6 +48,7 @@ from protocol import (
     encode_exchange,
 )
 from protocol.blocks import BLOCK_SIZE
+from protocol.exchange import Lost
 from protocol.layout import BlockLayout
 
 CID = cid_of(b"model")
@@ -329,6 +330,23 @@ def test_availability_only_grows() -> None:
     assert p.b.peer_have_count == TOTAL
     with pytest.raises(IndexError):
         p.b.peer_has(TOTAL)
+
+
+def test_lost_takes_a_files_blocks_out_of_availability_and_nothing_else() -> None:
+    p = Pair()
+    p.hello()
+    p.send(p.a, Bitfield(0, bitfield_of(range(TOTAL))))
+    assert p.send(p.a, Lost(1)) == [Lost(1)]  # file 1: blocks 1..4
+    assert {i for i in range(TOTAL) if p.b.peer_has(i)} == set(range(TOTAL)) - {1, 2, 3, 4}
+    assert p.b.peer_have_count == TOTAL - 4
+    p.send(p.a, Lost(1))  # again: nothing more to take
+    assert p.b.peer_have_count == TOTAL - 4
+    p.send(p.a, HaveBlocks((2,)))  # fetched again later: announced again
+    assert p.b.peer_has(2) and p.b.peer_have_count == TOTAL - 3
+    with pytest.raises(LocalProtocolError):
+        p.a.send(Lost(len(SIZES)))
+    with pytest.raises(RemoteProtocolError):
+        feed(p.b, frames(Lost(len(SIZES))))
 
 
 def test_pex_and_bitfield_may_come_any_time_after_hello_in_both_directions() -> None:

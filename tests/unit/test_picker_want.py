@@ -309,3 +309,27 @@ def run(seed: int, total: int = 40, steps: int = 250) -> None:
 @pytest.mark.parametrize("seed", range(12))
 def test_random_events_with_want(seed: int) -> None:
     run(seed)
+
+
+def test_peer_lacks_takes_blocks_out_of_a_peer_and_a_seed() -> None:
+    picker = BlockPicker(20)
+    picker.peer_has_all("seed")
+    picker.peer_has("p", range(0, 10))
+    picked = set(picker.pick("seed", 4)) | set(picker.pick("p", 3))
+    picker.check_invariants()
+    picker.peer_lacks("seed", range(5, 15))  # a seed dropped a file: an ordinary peer now
+    picker.check_invariants()
+    assert all(picker.availability(b) == 1 for b in range(5, 10))  # only "p" holds them now
+    assert all(picker.availability(b) == 0 for b in range(10, 15))
+    assert picker.requested_by("seed") <= set(range(5)) | set(range(15, 20))
+    picker.peer_lacks("p", [0, 1, 99, -1])  # out of range ignored
+    picker.check_invariants()
+    assert picker.availability(0) == 1 and picker.availability(2) == 2
+    for peer in ("seed", "p"):
+        for b in picker.requested_by(peer):
+            picker.got(peer, b)
+    while got := picker.pick("seed", 1) or picker.pick("p", 1):
+        picker.got("seed" if picker.requested_by("seed") else "p", got[0])
+        picker.check_invariants()
+    assert picker.missing_count == 5 and not picker.interesting("seed") and not picker.interesting("p")
+    assert picked
