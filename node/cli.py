@@ -394,6 +394,7 @@ def _node_arguments(p: argparse.ArgumentParser, data_dir_required: bool = False)
         metavar="HOST:PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (a bare PORT: on 127.0.0.1)",
     )
+    p.add_argument("--no-mdns", action="store_true", help="do not find or announce nodes on the LAN (mDNS)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
 

@@ -21,7 +21,7 @@ from .server import ServeLimits
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 _KEYS = {
-    "node": {"data_dir", "listen", "bootstrap", "metrics"},
+    "node": {"data_dir", "listen", "bootstrap", "metrics", "mdns"},
     "serve": {"unchoke_slots", "upload_slots", "upload_slots_per_peer", "upload_rate", "initial_seeding"},
     "fetch": {"requests_per_peer", "request_bytes_per_peer", "stall_timeout"},
     "peers": {"max_connections", "high_watermark", "low_watermark", "streams_per_peer"},
@@ -74,6 +74,7 @@ def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "co
                 inbound_streams_per_conn=_positive(peers.get("streams_per_peer", peer_limits.inbound_streams_per_conn)),
             ),
             metrics=parse_metrics_addr(metrics) if metrics else None,
+            mdns=not getattr(args, "no_mdns", False) and _bool(node.get("mdns", True)),
         )
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise NodeError(f"bad value in {source}: {e}") from None

@@ -36,6 +36,7 @@ from .host import (
     parse_multiaddr,
     parse_peer_addr,
 )
+from .lan import lan_discovery
 from .metrics import serve_metrics
 from .server import FragmentServer, ServeLimits
 from .standing import BanList
@@ -69,6 +70,7 @@ class NodeConfig:
     provider_rate_max: int = 1000
     peers: PeerLimits = field(default_factory=PeerLimits)  # connections and inbound streams peers can make us hold
     metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus /metrics on; None: not served
+    mdns: bool = False  # find and join nodes on the LAN by multicast DNS (the CLI turns it on)
     # The only republisher (py-libp2p's own is disabled: libp2p_patches/republish.py).
     republish_seconds: float = REPUBLISH_SECONDS
 
@@ -290,6 +292,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     async with AsyncExitStack() as stack:
                         if config.metrics is not None:
                             node.metrics_url = await stack.enter_async_context(serve_metrics(node, *config.metrics))
+                        if config.mdns:
+                            await stack.enter_async_context(lan_discovery(node))
                         yield node
                 finally:
                     server.stop()  # handlers run in libp2p's nursery: cancel them ourselves

@@ -200,3 +200,36 @@ def test_publish_bad_input_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(
         gguf_swarm("publish", str(model), "--config", str(tmp_path / "nope.toml")), "cannot read config"
     )
+
+
+def test_pull_without_bootstrap_finds_a_seed_on_the_lan(folder_for_lan: tuple[Path, str], tmp_path: Path) -> None:
+    """mDNS (on by default): the puller is given no address at all."""
+    data, cid = folder_for_lan
+    with seed_process(data):
+        lonely = subprocess.run(
+            [*CLI, "pull", cid, "--data-dir", str(tmp_path / "off"), *LISTEN, "--no-mdns", "--timeout", "3"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert lonely.returncode == 1 and f"no peer has model {cid}" in lonely.stderr
+        found = subprocess.run(
+            [*CLI, "pull", cid, "--data-dir", str(tmp_path / "on"), *LISTEN, "--json", "--timeout", "20"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert events(found)[-1]["event"] == "pulled"
+    assert fr.verify_folder(tmp_path / "on" / cid).ok
+
+
+@pytest.fixture
+def folder_for_lan(tmp_path: Path) -> tuple[Path, str]:
+    from tests.integration.test_swarm import model_folder
+
+    _, folder = model_folder(tmp_path / "seed")
+    listed = subprocess.run(
+        [*CLI, "models", "--data-dir", str(tmp_path / "seed"), "--json"], capture_output=True, text=True
+    )
+    return tmp_path / "seed", json.loads(listed.stdout.splitlines()[0])["model_cid"]

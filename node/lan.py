@@ -1,0 +1,82 @@
+"""LAN discovery: nodes on one local network find each other by multicast DNS
+(libp2p's mDNS discovery, py-libp2p's module over zeroconf), so a `pull`
+without `--bootstrap` finds a seed on the same LAN, as ollama users expect of
+machines without internet.
+
+py-libp2p's listener runs in zeroconf's thread and records what it hears in
+the peerstore; a trio task here connects to each newly heard peer, after
+which a pull asks it like any connected peer. Off with `--no-mdns` (or
+`[node] mdns = false`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+POLL = 1.0  # seconds between looks at what zeroconf heard
+RETRY = 30.0  # a peer we could not connect to is tried again after this long
+
+
+@asynccontextmanager
+async def lan_discovery(node: Node) -> AsyncIterator[None]:
+    """Announce this node on the LAN and connect to the nodes heard there, while the block runs."""
+    from libp2p.discovery.mdns.mdns import MDNSDiscovery  # zeroconf: only when used
+
+    addrs = [a.split("/p2p/")[0] for a in node.addrs()]
+    ports = [int(a.split("/tcp/")[1].split("/")[0]) for a in addrs if "/tcp/" in a]
+    try:
+        port = ports[0] if ports else 0
+        network = node.host.get_network()
+        discovery = await trio.to_thread.run_sync(
+            lambda: MDNSDiscovery(network, port=port, listen_addrs=addrs, host=node.host)
+        )
+        await trio.to_thread.run_sync(discovery.start)
+    except Exception as e:  # no multicast on this machine, say: the node works without
+        log.warning("LAN discovery (mDNS) is off: %s", e)
+        yield
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_connect_heard, node, discovery)
+            yield
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(discovery.stop)
+
+
+async def _connect_heard(node: Node, discovery: object) -> None:
+    tried: dict[ID, float] = {}
+    while True:
+        heard = [peer for peer, _ in list(discovery.listener.discovered_services.values())]  # type: ignore[attr-defined]
+        now = trio.current_time()
+        for peer in heard:
+            if peer == node.peer_id or peer in node.banned or now < tried.get(peer, -RETRY) + RETRY:
+                continue
+            if peer in node.connected_peers():
+                continue
+            tried[peer] = now
+            node.nursery.start_soon(_connect, node, peer)
+        await trio.sleep(POLL)
+
+
+async def _connect(node: Node, peer: ID) -> None:
+    try:
+        addrs = [Multiaddr(str(a)) for a in node.host.get_peerstore().addrs(peer)]
+        with trio.fail_after(10):
+            await node.host.connect(PeerInfo(peer, addrs))
+        log.info("connected to %s, heard on the LAN", peer)
+    except Exception as e:
+        log.info("cannot connect to %s, heard on the LAN: %r", peer, e)
