@@ -27,47 +27,69 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 POLL = 1.0  # seconds between looks at what zeroconf heard
 RETRY = 30.0  # a peer we could not connect to is tried again after this long
+DIALS_PER_POLL = 8
 
 
 @asynccontextmanager
 async def lan_discovery(node: Node) -> AsyncIterator[None]:
-    """Announce this node on the LAN and connect to the nodes heard there, while the block runs."""
+    """Announce this node on the LAN and connect to the nodes heard there, while
+    the block runs. Starting takes zeroconf ~1.5 s of probing: it runs in the
+    background, so the node is up (and a pull under way) meanwhile."""
+    running: list[object] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run, node, running)
+            yield
+            nursery.cancel_scope.cancel()
+    finally:
+        if running:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_stop, running[0])
+
+
+def _stop(discovery: object) -> None:
+    try:
+        discovery.stop()  # type: ignore[attr-defined]
+    except Exception as e:  # stopped before it had started: nothing to take back
+        log.info("stopping LAN discovery: %r", e)
+
+
+async def _run(node: Node, running: list[object]) -> None:
     from libp2p.discovery.mdns.mdns import MDNSDiscovery  # zeroconf: only when used
 
     addrs = [a.split("/p2p/")[0] for a in node.addrs()]
     ports = [int(a.split("/tcp/")[1].split("/")[0]) for a in addrs if "/tcp/" in a]
+    port = ports[0] if ports else 0
+    network = node.host.get_network()
     try:
-        port = ports[0] if ports else 0
-        network = node.host.get_network()
         discovery = await trio.to_thread.run_sync(
             lambda: MDNSDiscovery(network, port=port, listen_addrs=addrs, host=node.host)
         )
+        running.append(discovery)
         await trio.to_thread.run_sync(discovery.start)
     except Exception as e:  # no multicast on this machine, say: the node works without
         log.warning("LAN discovery (mDNS) is off: %s", e)
-        yield
         return
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_connect_heard, node, discovery)
-            yield
-            nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(discovery.stop)
+    await _connect_heard(node, discovery)
 
 
 async def _connect_heard(node: Node, discovery: object) -> None:
-    tried: dict[ID, float] = {}
+    tried: dict[ID, float] = {}  # peer -> when we last dialled it (forgotten after RETRY)
     while True:
         heard = [peer for peer, _ in list(discovery.listener.discovered_services.values())]  # type: ignore[attr-defined]
         now = trio.current_time()
+        for peer, when in list(tried.items()):
+            if now - when >= RETRY:
+                del tried[peer]
+        connected = set(node.connected_peers())
+        dials = 0
         for peer in heard:
-            if peer == node.peer_id or peer in node.banned or now < tried.get(peer, -RETRY) + RETRY:
-                continue
-            if peer in node.connected_peers():
+            if dials >= DIALS_PER_POLL:
+                break  # a host announcing thousands of identities gets a few dials a second
+            if peer == node.peer_id or peer in node.banned or peer in tried or peer in connected:
                 continue
             tried[peer] = now
+            dials += 1
             node.nursery.start_soon(_connect, node, peer)
         await trio.sleep(POLL)
 
