@@ -233,12 +233,14 @@ class ModelSwarm:
                 self._waiting_on.setdefault(k, []).append(handle)
         else:
             handle.done.set()
-        new = {k for k in handle.missing if k not in self.wanted}
+        # With no picker running, every missing file is fetched anew, even one wanted
+        # before (held then, and dropped since as bad on disk).
+        new = set(handle.missing) if self.picker is None else {k for k in handle.missing if k not in self.wanted}
         if not new:
             return handle
-        self.wanted |= new
         layout, blocks = self.layout, self.blocks
-        self.wanted_bytes += sum(layout.sizes[k] for k in new)
+        self.wanted_bytes += sum(layout.sizes[k] for k in new if k not in self.wanted)
+        self.wanted |= new
         new_blocks = [b for k in sorted(new) for b in layout.file_blocks(k)]
         self.wanted_done += layout.block_bytes([b for b in new_blocks if blocks.has_block(b)])
         missing = [b for b in new_blocks if not blocks.has_block(b)]

@@ -63,7 +63,7 @@ async def test_three_adopters_restore_two_copies_after_a_holder_leaves(tmp_path:
         for node in adopters:
             options = AdoptOptions(
                 model_cid,
-                budget=manifest.total_bytes * 3 // 4,
+                budget=manifest.total_bytes * 9 // 10,  # 2.7 copies between 3: room for k=2 whatever the sizes
                 min_copies=K,
                 interval=1.0,
                 backoff=2.0,
