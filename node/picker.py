@@ -247,6 +247,17 @@ class BlockPicker:
                 self._missing_mask |= 1 << b
                 self._free(b)
 
+    def unwant(self, blocks: Iterable[int]) -> None:
+        """Stop fetching these blocks (nobody wants them any more): free ones
+        leave the buckets; one being requested is let in if it comes."""
+        for b in blocks:
+            self._check(b)
+            if not self._have[b] and self._pos[b] >= 0:
+                self._unfree(b)
+                self._have[b] = 1
+                self._missing_count -= 1
+                self._missing_mask ^= 1 << b
+
     def prioritize(self, blocks: Iterable[int]) -> None:
         """Pick these blocks before any other, in this order, rarity aside (the
         node needs some early: the header, to build the tokenizer meanwhile)."""

@@ -262,6 +262,28 @@ class ModelSwarm:
         self._dial_known(trio.current_time())
         return handle
 
+    def unwant(self, handle: Want) -> None:
+        """A caller gave up (cancelled, or its pull failed): its files that no
+        other caller waits for are no longer fetched."""
+        if handle in self._wants:
+            self._wants.remove(handle)
+        dropped: list[int] = []
+        for k in handle.missing:
+            waiting = self._waiting_on.get(k, [])
+            if handle in waiting:
+                waiting.remove(handle)
+            if not waiting:
+                self._waiting_on.pop(k, None)
+                if k in self.wanted and not self.blocks.file_complete(k):
+                    self.wanted.discard(k)
+                    self.wanted_bytes -= self.layout.sizes[k]
+                    dropped.append(k)
+        picker = self.picker
+        if picker is not None and dropped:
+            picker.unwant(b for k in dropped for b in self.layout.file_blocks(k) if not self.blocks.has_block(b))
+            if picker.done and not self.complete.is_set():
+                self._finished()
+
     def _file_done(self, file: int) -> None:
         for handle in self._waiting_on.pop(file, ()):
             handle.missing.discard(file)

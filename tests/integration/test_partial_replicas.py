@@ -165,13 +165,28 @@ async def test_a_pull_ends_when_its_own_layers_are_in_whatever_else_the_node_wai
             await stop_seed()  # now nobody holds layer 3
         q = await stack.enter_async_context(node_at(tmp_path / "q", p.addrs()[:1]))
         stuck = PullOptions(selection=Selection(layers=frozenset({3})), stall_timeout=3600)
-        nursery.start_soon(pull_model, q, model_cid, stuck)  # waits for layer 3, which never comes
+        give_up = trio.CancelScope()
+
+        async def stuck_pull() -> None:
+            with give_up:
+                await pull_model(q, model_cid, stuck)  # waits for layer 3, which never comes
+
+        nursery.start_soon(stuck_pull)
         with trio.fail_after(30):
             while model_cid not in q.swarms or not q.swarms[model_cid].wanted:
                 await trio.sleep(0.05)
             got, stats = await pull_model(q, model_cid, PullOptions(selection=Selection(layers=frozenset({1}))))
         assert held_summary(got.manifest, got.have).layers == "1"
         assert set(stats.bytes_by_peer) == {str(p.peer_id)}
+        # The stuck pull given up: nothing is wanted any more, and the swarm is idle.
+        swarm = q.swarms[model_cid]
+        fragments = got.manifest.fragments
+        assert {fragments[k].tensor_name for k in swarm.wanted if k < len(fragments) and not got.have[k]} <= {
+            f.tensor_name for f in got.manifest.fragments if f.tensor_name.startswith("blk.3.")
+        }
+        give_up.cancel()
+        await trio.sleep(0.1)
+        assert all(got.have[k] for k in swarm.wanted if k < len(got.have)) and swarm.picker is None
         nursery.cancel_scope.cancel()
 
 

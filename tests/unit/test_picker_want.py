@@ -333,3 +333,20 @@ def test_peer_lacks_takes_blocks_out_of_a_peer_and_a_seed() -> None:
         picker.check_invariants()
     assert picker.missing_count == 5 and not picker.interesting("seed") and not picker.interesting("p")
     assert picked
+
+
+def test_unwant_stops_fetching_free_blocks_and_lets_requested_ones_in() -> None:
+    picker = BlockPicker(10, range(5, 10))  # wants 0..4
+    picker.peer_has_all("seed")
+    requested = picker.pick("seed", 2)
+    picker.unwant(range(0, 5))  # given up: the free ones leave, the requested ones may still come
+    picker.check_invariants()
+    assert picker.missing_count == 2 and set(picker.requested_by("seed")) == set(requested)
+    assert picker.pick("seed", 5) == [] or not picker.done
+    for b in requested:
+        picker.got("seed", b)
+    picker.check_invariants()
+    assert picker.done
+    picker.want([b for b in range(5) if b not in requested])  # wanted again later (the caller passes what it lacks)
+    picker.check_invariants()
+    assert picker.missing_count == 3 and picker.pick("seed", 5)
