@@ -42,6 +42,10 @@ class Checked(BlockPicker):
     pick = _checked("pick")
     got = _checked("got")
     rejected = _checked("rejected")
+    want = _checked("want")
+    unwant = _checked("unwant")
+    peer_lacks = _checked("peer_lacks")
+    prioritize = _checked("prioritize")
 
 
 def haves(pattern: str) -> list[int]:

@@ -4,39 +4,11 @@ asks for more later. Every picker here checks its invariants after every call.""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from node.picker import BlockPicker
-
-
-def _checked(name: str) -> Callable[..., Any]:
-    method = getattr(BlockPicker, name)
-
-    def call(self: BlockPicker, *args: Any, **kw: Any) -> Any:
-        out = method(self, *args, **kw)
-        self.check_invariants()
-        return out
-
-    return call
-
-
-class Checked(BlockPicker):
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.check_invariants()
-
-    add_peer = _checked("add_peer")
-    remove_peer = _checked("remove_peer")
-    peer_has = _checked("peer_has")
-    peer_has_all = _checked("peer_has_all")
-    pick = _checked("pick")
-    got = _checked("got")
-    rejected = _checked("rejected")
-    want = _checked("want")
-    prioritize = _checked("prioritize")
+from tests.unit.test_picker import Checked
 
 
 def partial(total: int, wanted: set[int], seed: int = 1, copies: int = 2) -> Checked:
