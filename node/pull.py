@@ -96,7 +96,7 @@ async def pull_model(node: Node, model_cid: str, options: PullOptions | None = N
         raise _first(errors) from None
     finally:
         if not handle.done.is_set():
-            swarm.unwant(handle)  # given up (stalled, cancelled): not fetched for nobody
+            swarm.unwant(handle)  # given up (stalled, cancelled): what only it wanted is no longer fetched
 
     # This pull's share of what the model's swarm (which may outlive it) has done.
     s = swarm.stats
