@@ -210,7 +210,7 @@ def add_fragmenter_commands(sub: Any) -> None:
     p.add_argument("folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_manifest)
-    p = sub.add_parser("tokenizer", help="write tokenizer.json (+ tokenizer.model) from a GGUF vocabulary")
+    p = sub.add_parser("tokenizer", help="write tokenizer.json and its Hugging Face companions from a GGUF vocabulary")
     p.add_argument("model")
     p.add_argument("folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing fragment folder")
     _node_arguments(p)
     p.set_defaults(func=cmd_publish)
-    p = sub.add_parser("pull", help="fetch a model by CID from the swarm, every fragment verified")
+    p = sub.add_parser("pull", help="fetch a model (or some layers) by CID from the swarm, every fragment verified")
     p.add_argument("model_cid")
     p.add_argument("--output", "-o", help="also assemble the GGUF here (checked against file_sha256)")
     p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to look for peers (default 30)")
