@@ -181,6 +181,9 @@ def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
     if adopting and args.budget is None:
         print("error: --adopt needs --budget (the bytes of each adopted model this node may hold)", file=sys.stderr)
         return 2
+    if not adopting and getattr(args, "budget", None) is not None:
+        print("error: --budget is the room for --adopt MODEL_CID, which is missing", file=sys.stderr)
+        return 2
 
     async def body(node: Node) -> int:
         for m in _models_line(node):

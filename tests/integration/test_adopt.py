@@ -105,6 +105,8 @@ def test_cli_seed_adopt_takes_fragments_and_reports_them(tmp_path: Path) -> None
         [*CLI, "seed", "--data-dir", str(tmp_path / "x"), "--adopt", model_cid], capture_output=True, text=True
     )
     assert_one_line_error(bad, "--adopt needs --budget")
+    bad = subprocess.run([*CLI, "seed", "--data-dir", str(tmp_path), "--budget", "1G"], capture_output=True, text=True)
+    assert_one_line_error(bad, "--budget is the room for --adopt MODEL_CID, which is missing")
     with seed_process(tmp_path / "seed") as addr:
         adopter = subprocess.Popen(
             [*CLI, "seed", "--data-dir", str(tmp_path / "a"), *LISTEN, "--bootstrap", addr, "--json"]
