@@ -64,6 +64,7 @@ from protocol.exchange import (
 from protocol.session import BlockReceived, ExchangeSession, LocalProtocolError, RemoteProtocolError
 
 from .blockstore import BadManifest, ModelBlocks
+from .byte_budget import ByteBudget
 from .choker import Choker, PeerRates
 from .host import PERMANENT_TTL
 from .picker import BlockPicker
@@ -84,9 +85,11 @@ MAX_KNOWN = 500  # peers remembered to dial (peer exchange cannot grow this with
 REQUEST_HORIZON = 0.4  # seconds of a peer's measured rate kept queued on it
 MIN_QUEUE_BYTES = 2 << 20
 MAX_PEER_REQUESTS = 64  # what a session accepts from a peer (ExchangeSession's default)
+READ_BATCH = 1 << 20  # bytes of requested blocks read per worker-thread hop
+REFILL_BATCH = 8  # a request queue limited by count is topped up this many at a time
 HASHES_TIMEOUT = 10.0  # a digest list not sent by then is asked of another peer
 HASH_REQUESTS = 12  # digest lists asked of one peer at once (the peer accepts 16)
-VERIFY_SLOTS = 8  # received blocks held in memory while being checked and written
+RECEIVED_BYTES = 16 << 20  # received blocks held in memory while waiting to be checked and written
 STRIKES = 8  # refusals of claimed blocks while unchoked, with nothing delivered, before a peer is dropped
 # A peer shown its share by a super-seed that is still not interested after this
 # long wants other blocks (a partial replica): it is shown everything.
@@ -133,7 +136,7 @@ class PeerLink:
         self.last_recv = now
         self.last_request: float | None = None
         self.uploaded_since_unchoke = 0
-        self.uploading: int | None = None  # block the writer is reading or sending
+        self.uploading: set[int] = set()  # blocks the writer is reading or sending
         self.requested_at: dict[int, float] = {}  # our requests on this link -> when sent
         self.strikes = 0
         self.scope = trio.CancelScope()
@@ -185,8 +188,11 @@ class ModelSwarm:
         self.failure: Exception | None = None
         self.on_event: Callable[[dict[str, Any]], None] = lambda e: None
         self.on_file_complete: Callable[[int], None] = lambda k: None
-        self._verify_slots = trio.Semaphore(VERIFY_SLOTS)
-        self._write_lock = trio.Lock()
+        self._received = ByteBudget(RECEIVED_BYTES)
+        # Blocks to check and write, in arrival order; one task takes all that
+        # are waiting in one hop to a worker thread (a hop per block cost more
+        # than the writes for 8 KiB fragments).
+        self._to_write_in, self._to_write = trio.open_memory_channel[tuple[ID, int, bytes]](math.inf)
         self._last_progress = 0.0
         self._nursery: trio.Nursery
         self._scope: trio.CancelScope
@@ -197,6 +203,7 @@ class ModelSwarm:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._scope = nursery.cancel_scope
+            nursery.start_soon(self._block_writer)
             task_status.started()
             try:
                 while True:
@@ -457,49 +464,57 @@ class ModelSwarm:
     # ---- the writer: control frames first, then chunks of the block being uploaded
 
     async def _writer(self, link: PeerLink) -> None:
-        session = link.session
         while True:
             if link.out:
                 data = b"".join(link.out)
                 link.out.clear()
                 await self._write(link, data)
                 continue
-            block = self._next_upload(link)
-            if block is None:
+            blocks = self._next_uploads(link)
+            if not blocks:
                 link.wake = trio.Event()
                 await link.wake.wait()
                 continue
-            link.uploading = block
-            data = await trio.to_thread.run_sync(self.blocks.read_block, block)
-            if data is None:
-                link.uploading = None
-                self._tell_lost(self.layout.file_of(block))  # first: the reject below is then no lie
-                if session.peer_requests.get(block) == 0:
-                    link.send(RejectBlock(block))
-                continue
-            view = memoryview(data)
-            aborted = False
-            for offset in range(0, max(len(data), 1), CHUNK):
-                if link.out:  # control frames produced meanwhile go first
-                    pending = b"".join(link.out)
-                    link.out.clear()
-                    await self._write(link, pending)
-                chunk = view[offset : offset + CHUNK]
-                await self.node.throttle(len(chunk))
-                if session.closed or session.peer_requests.get(block) != offset:
-                    aborted = True  # a Choke rejected it while we read it or waited for the rate limit
-                    break
-                frame = session.send_chunk(block, offset, chunk)
-                await self._write(link, frame)
-                now = trio.current_time()
-                link.up.add(len(chunk), now)
-                link.uploaded_since_unchoke += len(chunk)
-                self.stats.bytes_uploaded += len(chunk)
-            link.uploading = None
-            if not aborted and self.seeding is not None:
-                now = trio.current_time()
-                self.seeding.sent(link.peer, block, now)
-                self._reveal(link, now)
+            link.uploading = set(blocks)
+            # Several requested blocks read in one worker-thread hop: a hop per
+            # 8 KiB block cost a seed more than reading it.
+            datas = await trio.to_thread.run_sync(self._read_blocks, blocks)
+            for block, data in zip(blocks, datas, strict=True):
+                await self._upload(link, block, data)
+                link.uploading.discard(block)
+            link.uploading = set()
+
+    def _read_blocks(self, blocks: list[int]) -> list[bytes | None]:
+        return [self.blocks.read_block(block) for block in blocks]
+
+    async def _upload(self, link: PeerLink, block: int, data: bytes | None) -> None:
+        session = link.session
+        if data is None:
+            link.uploading.discard(block)
+            self._tell_lost(self.layout.file_of(block))  # first: the reject below is then no lie
+            if session.peer_requests.get(block) == 0:
+                link.send(RejectBlock(block))
+            return
+        view = memoryview(data)
+        for offset in range(0, max(len(data), 1), CHUNK):
+            if link.out:  # control frames produced meanwhile go first
+                pending = b"".join(link.out)
+                link.out.clear()
+                await self._write(link, pending)
+            chunk = view[offset : offset + CHUNK]
+            await self.node.throttle(len(chunk))
+            if session.closed or session.peer_requests.get(block) != offset:
+                return  # a Choke rejected it while we read it or waited for the rate limit
+            frame = session.send_chunk(block, offset, chunk)
+            await self._write(link, frame)
+            now = trio.current_time()
+            link.up.add(len(chunk), now)
+            link.uploaded_since_unchoke += len(chunk)
+            self.stats.bytes_uploaded += len(chunk)
+        if self.seeding is not None:
+            now = trio.current_time()
+            self.seeding.sent(link.peer, block, now)
+            self._reveal(link, now)
 
     def _tell_lost(self, file: int) -> None:
         """If the file went bad on our disk and was dropped, every peer hears it
@@ -514,11 +529,22 @@ class ModelSwarm:
                     self._send_bitfield(link, self.blocks.have)  # all we hold, not just each peer's share
                 link.send(Lost(file))
 
-    def _next_upload(self, link: PeerLink) -> int | None:
-        for block, sent in link.session.peer_requests.items():
-            if sent or not link.session.am_choking:
-                return block
-        return None
+    def _next_uploads(self, link: PeerLink) -> list[int]:
+        """The blocks to send next: one partly sent (or, while unchoked, the
+        oldest request), then more unstarted requests up to READ_BATCH bytes."""
+        session = link.session
+        batch: list[int] = []
+        size = 0
+        for block, sent in session.peer_requests.items():
+            if sent:
+                return [block]  # finish what was started before anything else
+            if session.am_choking:
+                continue
+            batch.append(block)
+            size += self.layout.block_length(block)
+            if size >= READ_BATCH:
+                break
+        return batch
 
     async def _write(self, link: PeerLink, data: bytes) -> None:
         with trio.fail_after(WRITE_STALL):
@@ -532,8 +558,8 @@ class ModelSwarm:
         while not session.closed:
             while (event := session.next_event()) is not None:  # first: what the Hello came with
                 if isinstance(event, BlockReceived):
-                    await self._verify_slots.acquire()  # backpressure: at most VERIFY_SLOTS blocks held
-                    self._nursery.start_soon(self._store_block, link, event.block, event.data)
+                    await self._received.acquire(len(event.data))  # backpressure: bounded bytes held
+                    self._take_block(link, event.block, event.data)
                 else:
                     self._on_event(link, event)
             if session.closed:
@@ -561,7 +587,7 @@ class ModelSwarm:
             else:
                 link.wake.set()
         elif isinstance(event, CancelBlock):
-            if session.peer_requests.get(event.block) == 0 and link.uploading != event.block:
+            if session.peer_requests.get(event.block) == 0 and event.block not in link.uploading:
                 link.send(RejectBlock(event.block))
         elif isinstance(event, RejectBlock):
             if self.picker is not None:
@@ -671,9 +697,12 @@ class ModelSwarm:
             return
         now = trio.current_time()
         config = self.node.config
+        limit = min(config.requests_per_peer, MAX_PEER_REQUESTS)
+        room = limit - len(session.our_requests)
+        if room < min(REFILL_BATCH, max(1, limit // 2)):
+            return  # requests go out a batch at a time: one write, not one per block received
         target_bytes = min(max(MIN_QUEUE_BYTES, link.down.rate(now) * REQUEST_HORIZON), config.request_bytes_per_peer)
-        queued = self.layout.block_bytes(list(session.our_requests))
-        room = min(config.requests_per_peer, MAX_PEER_REQUESTS) - len(session.our_requests)
+        queued = self.layout.block_bytes(session.our_requests)
         while room > 0 and queued < target_bytes:
             picks = picker.pick(link.peer, 1)
             if not picks:
@@ -735,50 +764,86 @@ class ModelSwarm:
                 return
 
     async def _store_parked(self, peer: ID, block: int, data: bytes) -> None:
-        await self._verify_slots.acquire()
-        await self._store_block(None, block, data, peer)  # its bytes were counted when they arrived
+        await self._received.acquire(len(data))
+        self._take_block(None, block, data, peer)  # its bytes were counted when they arrived
 
     # ---- received blocks ---------------------------------------------------------
 
-    async def _store_block(self, link: PeerLink | None, block: int, data: bytes, peer: ID | None = None) -> None:
-        """Check and write one received block (a verify slot is held on entry)."""
+    def _take_block(self, link: PeerLink | None, block: int, data: bytes, peer: ID | None = None) -> None:
+        """Queue one received block for checking and writing, or park it until
+        its file's digests arrive (its bytes are held in the budget on entry)."""
         peer = link.peer if link is not None else peer
         assert peer is not None
-        try:
-            if link is not None:
-                now = trio.current_time()
-                link.down.add(len(data), now)
-                link.strikes = 0
-                self._fill(link)  # its queue has room again: keep the peer busy while we check
-            picker = self.picker
-            if picker is None or self.blocks.has_block(block):
-                return  # an endgame duplicate that lost the race
-            file = self.layout.file_of(block)
-            if self.blocks.needs_digests(file):
-                self.parked.setdefault(file, []).append((peer, block, data))
-                if file not in self.hash_asked:
-                    self._ask_hashes_elsewhere(file, exclude=None)
-                return
-            async with self._write_lock:
-                if self.blocks.has_block(block):
-                    return
-                if self.blocks.needs_digests(file):  # dropped meanwhile (the file went bad on disk)
-                    self.parked.setdefault(file, []).append((peer, block, data))
-                    return
-                # One hop to a worker thread per block (handing work to threads showed up in profiles).
-                completed = await trio.to_thread.run_sync(self.blocks.check_and_write, block, data)
-                if completed is None:
-                    self.stats.blocks_rejected += 1
-                    picker.rejected(peer, block)
-                    self._ban(peer, f"sent block {block} that does not match its digest")
-                    return
-            self._verified(peer, block, len(data), completed)
-        except BadManifest as e:
-            self.fail(SwarmFailed(f"cannot store {self.model.folder}: {e}"))
-        except OSError as e:  # a full disk, say: one plain line, and the verified blocks stay for a rerun
-            self.fail(SwarmFailed(f"cannot write into {self.model.folder}: {e.strerror or e}"))
-        finally:
-            self._verify_slots.release()
+        if link is not None:
+            link.down.add(len(data), trio.current_time())
+            link.strikes = 0
+            self._fill(link)  # its queue has room again: keep the peer busy while we check
+        if self.picker is None or self.blocks.has_block(block):
+            self._received.release(len(data))  # an endgame duplicate that lost the race
+            return
+        file = self.layout.file_of(block)
+        if self.blocks.needs_digests(file):
+            self._park(peer, block, data)
+            return
+        self._to_write_in.send_nowait((peer, block, data))
+
+    def _park(self, peer: ID, block: int, data: bytes) -> None:
+        self._received.release(len(data))
+        file = self.layout.file_of(block)
+        self.parked.setdefault(file, []).append((peer, block, data))
+        if file not in self.hash_asked:
+            self._ask_hashes_elsewhere(file, exclude=None)
+
+    async def _block_writer(self) -> None:
+        """Check and write the queued blocks, every block waiting in one worker-thread hop."""
+        async for first in self._to_write:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._to_write.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                results = await trio.to_thread.run_sync(self._check_and_write, batch)
+            finally:
+                self._received.release(sum(len(data) for _, _, data in batch))
+            for (peer, block, data), result in zip(batch, results, strict=True):
+                self._block_stored(peer, block, data, result)
+
+    def _check_and_write(self, batch: list[tuple[ID, int, bytes]]) -> list[bool | str | Exception | None]:
+        """On a worker thread: per block, True (it completed its file), False
+        (written), None (wrong bytes), "skip" (already held), "park" (its file's
+        digests are gone: the file went bad on disk meanwhile), or the error."""
+        results: list[bool | str | Exception | None] = []
+        for _, block, data in batch:
+            if self.blocks.has_block(block):
+                results.append("skip")
+            elif self.blocks.needs_digests(self.layout.file_of(block)):
+                results.append("park")
+            else:
+                try:
+                    results.append(self.blocks.check_and_write(block, data))
+                except (BadManifest, OSError) as e:
+                    results.append(e)
+        return results
+
+    def _block_stored(self, peer: ID, block: int, data: bytes, result: bool | str | Exception | None) -> None:
+        picker = self.picker
+        if result == "skip" or picker is None:
+            return
+        if result == "park":
+            self.parked.setdefault(self.layout.file_of(block), []).append((peer, block, data))
+        elif result is None:
+            self.stats.blocks_rejected += 1
+            picker.rejected(peer, block)
+            self._ban(peer, f"sent block {block} that does not match its digest")
+        elif isinstance(result, BadManifest):
+            self.fail(SwarmFailed(f"cannot store {self.model.folder}: {result}"))
+        elif isinstance(result, OSError):  # a full disk, say: one plain line, and the verified blocks stay
+            self.fail(SwarmFailed(f"cannot write into {self.model.folder}: {result.strerror or result}"))
+        else:
+            assert isinstance(result, bool)
+            self._verified(peer, block, len(data), result)
 
     def _verified(self, peer: ID, block: int, size: int, completed_file: bool) -> None:
         picker = self.picker

@@ -10,7 +10,7 @@ its SHA-256. Pure arithmetic; the node and the session state machine share it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .blocks import BLOCK_SIZE, block_count
@@ -60,7 +60,14 @@ class BlockLayout:
         return BlockSpan(file, offset, min(self.block_size, size - offset))
 
     def block_length(self, block: int) -> int:
-        return self.span(block).length
+        # span() without the BlockSpan: called per request queued, per block received
+        if not 0 <= block < self.total_blocks:
+            raise IndexError(f"block {block} out of range")
+        file = bisect.bisect_right(self.first, block) - 1
+        size = self.sizes[file]
+        if not self.blocked[file]:
+            return size
+        return min(self.block_size, size - (block - self.first[file]) * self.block_size)
 
-    def block_bytes(self, blocks: Sequence[int]) -> int:
+    def block_bytes(self, blocks: Iterable[int]) -> int:
         return sum(self.block_length(b) for b in blocks)
