@@ -24,6 +24,7 @@ from .fragment import DEFAULT_CHUNK_SIZE, fragment_model
 from .gguf_header import check_tensor_data, parse_header
 from .progress import ProgressBar, human_bytes
 from .rebuild import rebuild_manifest
+from .split import check_holds_metadata
 from .tensors import validate_folder
 from .tokenizer import write_tokenizer_files
 
@@ -97,20 +98,25 @@ def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar | None:
 def cmd_fragment(args: argparse.Namespace) -> int:
     bar = progress_bar(args, "fragment")
     with sigterm_as_interrupt():
-        result = fragment_model(Path(args.model), Path(args.output), args.chunk_size, args.force, bar)
+        models = [Path(m) for m in args.model]  # a split model's parts, or one of them
+        result = fragment_model(
+            models[0] if len(models) == 1 else models, Path(args.output), args.chunk_size, args.force, bar
+        )
     if bar:
         bar.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     speed = result.file_size / max(result.seconds, 1e-9)
+    of_parts = f" ({result.parts} parts)" if result.parts > 1 else ""
     emit(
         args,
-        f"{result.model_cid}\n{result.fragments} fragments, {human_bytes(result.file_size)} in "
+        f"{result.model_cid}\n{result.fragments} fragments, {human_bytes(result.file_size)}{of_parts} in "
         f"{result.seconds:.1f} s ({human_bytes(speed)}/s) -> {result.folder}",
         event="fragmented",
         model_cid=result.model_cid,
         folder=str(result.folder),
         fragments=result.fragments,
+        parts=result.parts,
         file_size=result.file_size,
         file_sha256=result.file_sha256,
         seconds=round(result.seconds, 3),
@@ -145,10 +151,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_assemble(args: argparse.Namespace) -> int:
     bar = progress_bar(args, "assemble")
     with sigterm_as_interrupt():  # the staging file is removed on the way out
-        result = assemble(Path(args.folder), Path(args.output), args.force, bar)
+        result = assemble(Path(args.folder), Path(args.output), args.force, bar, merge=args.merge)
     if bar:
         bar.close()
-    checked = "matches file_sha256" if result.checked_against_manifest else "no file_sha256 to check against"
+    if result.merged:
+        checked = "merged from the parts, every fragment checked"
+    elif result.files:
+        checked = f"{len(result.files)} parts, each matches its file_sha256"
+    elif result.checked_against_manifest:
+        checked = "matches file_sha256"
+    else:
+        checked = "no file_sha256 to check against"
     emit(
         args,
         f"{result.output} ({human_bytes(result.file_size)}, sha256 {result.file_sha256}, {checked})",
@@ -157,6 +170,8 @@ def cmd_assemble(args: argparse.Namespace) -> int:
         file_size=result.file_size,
         file_sha256=result.file_sha256,
         checked=result.checked_against_manifest,
+        files=[str(f) for f in result.files],
+        merged=result.merged,
     )
     return 0
 
@@ -174,6 +189,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 header = parse_header(m)
                 check_tensor_data(header, len(m))  # a cut-short model is refused, as llama.cpp does
+                check_holds_metadata(header, path)  # a split model's vocabulary is in part 1
                 Path(args.folder).mkdir(parents=True, exist_ok=True)
                 names = write_tokenizer_files(header, Path(args.folder))
     except (OSError, ValueError) as e:
@@ -219,9 +235,12 @@ def add_fragmenter_commands(sub: Any) -> None:
     p.add_argument("folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_verify)
-    p = sub.add_parser("assemble", help="put the original GGUF back together, byte-identical")
+    p = sub.add_parser(
+        "assemble", help="put the original GGUF back together, byte-identical (a split model: its parts, in a folder)"
+    )
     p.add_argument("folder")
-    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--output", "-o", required=True, help="the file; for a split model, the folder for its parts")
+    p.add_argument("--merge", action="store_true", help="a split model: write one unsplit GGUF file instead")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_assemble)
@@ -232,7 +251,11 @@ def add_fragmenter_commands(sub: Any) -> None:
 
 
 def add_fragment_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="the GGUF file")
+    p.add_argument(
+        "model",
+        nargs="+",
+        help="the GGUF file; for a split model (NAME-00001-of-0000N.gguf ...) its first part, or all its parts",
+    )
     p.add_argument("--output", "-o", required=True, help="folder to write (must not exist or be empty)")
     p.add_argument(
         "--chunk-size", type=parse_chunk_size, default=DEFAULT_CHUNK_SIZE, help="fragment size (default 10MiB)"

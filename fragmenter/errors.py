@@ -17,3 +17,7 @@ class ManifestError(FragmenterError):
 
 class FragmentError(FragmenterError):
     """One or more fragments are missing or do not match the manifest."""
+
+
+class SplitError(FragmenterError):
+    """The parts of a split model (`NAME-0000k-of-0000N.gguf`) are missing or do not belong together."""

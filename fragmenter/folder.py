@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FragmentError, GGUFFormatError, ManifestError
-from .gguf_header import GGUFHeader, align, parse_header
+from .gguf_header import GGUFHeader, TensorInfo, align, parse_header
 from .manifest import HEADER_NAME, FragmentEntry, Manifest, read_manifest
+from .split import PartLayout, folder_parts
 
 READ_SIZE = 4 * 1024 * 1024
 
@@ -20,6 +21,14 @@ class FragmentFolder:
     manifest: Manifest
     header_bytes: bytes
     header: GGUFHeader
+    parts: tuple[PartLayout, ...] = ()  # a split model's parts; () for one file
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor of the model: part 1's header lists only its own."""
+        if not self.parts:
+            return self.header.tensors
+        return [t for p in self.parts for t in p.header.tensors]
 
     @property
     def file_size(self) -> int:
@@ -53,7 +62,7 @@ def open_folder(path: Path) -> FragmentFolder:
     if header.data_start != len(header_bytes) or header.data_start != manifest.header_size:
         raise FragmentError(f"{path / HEADER_NAME}: size does not match the manifest's header_size")
     check_layout(manifest, header.data_start)
-    return FragmentFolder(path, manifest, header_bytes, header)
+    return FragmentFolder(path, manifest, header_bytes, header, folder_parts(manifest, header, header_bytes))
 
 
 def check_layout(manifest: Manifest, header_size: int) -> None:

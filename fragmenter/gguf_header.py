@@ -268,6 +268,21 @@ def parse_header(buf: Any) -> GGUFHeader:
     return GGUFHeader(version, metadata, types, tensors, alignment, data_start)
 
 
+def metadata_spans(buf: Any) -> list[tuple[str, int, int]]:
+    """(key, start, end) of each metadata pair's bytes in a header already
+    accepted by `parse_header`: lets a writer copy pairs exactly as encoded."""
+    c = _Cursor(buf)
+    c.pos = 16
+    n_kv = c.u64("metadata count")
+    spans: list[tuple[str, int, int]] = []
+    for i in range(n_kv):
+        start = c.pos
+        key = c.string(f"metadata key #{i}")
+        c.value(c.value_type(key), key)
+        spans.append((key, start, c.pos))
+    return spans
+
+
 def _check_version(version: int) -> int:
     """The versions llama.cpp reads (gguf.cpp, `gguf_init_from_reader`): 2 and 3;
     v2 and v3 lay out little-endian files identically."""

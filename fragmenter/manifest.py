@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from protocol.blocks import BLOCK_SIZE
 from protocol.cid import cid_from_hex
 
 from .errors import ManifestError
-from .gguf_header import GGUFArray, GGUFHeader
+from .gguf_header import GGUFArray, GGUFHeader, TensorInfo
 from .gguf_spec import ValueType
 from .naming import fragment_id, tensor_role
 
@@ -43,6 +44,10 @@ MAX_BLOCK_SIZE = 16 * 1024 * 1024
 # up to alignment * (fragments + 1) bytes of zero padding, so this bounds how much
 # a manifest can inflate a download. GGUF allows any power of two up to 2**31.
 MAX_ALIGNMENT = 1 << 24
+# A split model (`NAME-0000k-of-0000N.gguf`) has at most this many parts; the
+# 5-digit names allow 99,999, llama.cpp's gguf-split writes far fewer.
+MAX_PARTS = 10_000
+MAX_PART_NAME = 255  # bytes a file name may take on common file systems
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,20 @@ class FragmentEntry:
 
 
 @dataclass(frozen=True)
+class PartEntry:
+    """One file of a split model: the manifest describes their concatenation."""
+
+    file_name: str
+    offset: int  # where the part starts in the concatenation of all parts
+    file_size: int
+    file_sha256: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.file_size
+
+
+@dataclass(frozen=True)
 class Manifest:
     raw: dict[str, Any]
     model_name: str
@@ -82,6 +101,7 @@ class Manifest:
     extra_bytes: list[tuple[int, bytes]]  # non-zero bytes outside header and tensors
     block_size: int | None = None  # None when absent (before gguf-swarm/2)
     header_block_root: str | None = None
+    parts: tuple[PartEntry, ...] | None = None  # None for a model in one file
 
     @property
     def is_ours(self) -> bool:
@@ -241,6 +261,7 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed manifest ({e})") from None
     _check_layout(raw, fragments, header_size, extra, ours, where)
+    parts = _parse_parts(raw, ours, header_size, fragments, where)
     block_size, header_block_root = _parse_blocks(raw, fragments, where)
     return Manifest(
         raw=raw,
@@ -253,7 +274,61 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
         extra_bytes=extra,
         block_size=block_size,
         header_block_root=header_block_root,
+        parts=parts,
     )
+
+
+def _parse_parts(
+    raw: dict[str, Any], ours: bool, header_size: int, fragments: list[FragmentEntry], where: str
+) -> tuple[PartEntry, ...] | None:
+    """The files of a split model, in order: safe names, sizes adding up to
+    file_size, the header within part 1 and no fragment straddling two parts
+    (assembly cuts the concatenation back into files at those boundaries)."""
+    if "parts" not in raw:
+        return None
+    try:
+        if not ours:
+            raise ValueError("only gguf-swarm manifests may list parts")
+        items = raw["parts"]
+        if not isinstance(items, list) or not 2 <= len(items) <= MAX_PARTS:
+            raise ValueError(f"parts is not a list of 2 to {MAX_PARTS} files")
+        parts: list[PartEntry] = []
+        offset = 0
+        for item in items:
+            size = _number(item["file_size"], "part file_size")
+            if size == 0:
+                raise ValueError("a part of 0 bytes")
+            parts.append(
+                PartEntry(
+                    _safe_part_name(item["file_name"]), offset, size, _hex(item["file_sha256"], 64, "part file_sha256")
+                )
+            )
+            offset += size
+        names = {p.file_name.lower() for p in parts}  # case-insensitive file systems
+        if len(names) != len(parts):
+            raise ValueError("a part file name appears twice")
+        if offset != raw["file_size"]:
+            raise ValueError(f"part sizes add up to {offset}, not file_size {raw['file_size']}")
+        if header_size > parts[0].file_size:
+            raise ValueError("header_size is larger than the first part")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ManifestError(f"{where}: malformed parts ({e})") from None
+    k = 0
+    for f in fragments:  # sorted by file_offset, within file_size (`_check_layout`)
+        while k < len(parts) - 1 and f.file_offset >= parts[k].end:
+            k += 1
+        if f.file_offset + f.size > parts[k].end:
+            raise ManifestError(f"{where}: fragment {f.fragment_id} straddles parts {k + 1} and {k + 2}")
+    return tuple(parts)
+
+
+def _safe_part_name(name: Any) -> str:
+    """A part's file name: written into the output folder, so a bare name."""
+    if not isinstance(name, str) or not 0 < len(name.encode("utf-8")) <= MAX_PART_NAME:
+        raise ValueError(f"bad part file_name {str(name)[:60]!r}")
+    if name.startswith(".") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"part file_name {name[:60]!r} is not a safe file name")
+    return name
 
 
 def _parse_blocks(raw: dict[str, Any], fragments: list[FragmentEntry], where: str) -> tuple[int | None, str | None]:
@@ -438,29 +513,40 @@ def build_manifest(
     chunk_size: int,
     entries: list[dict[str, Any]],
     extra: list[tuple[int, bytes]],
+    tensors: Sequence[tuple[TensorInfo, int]] | None = None,
+    parts: list[dict[str, Any]] | None = None,
+    alignment: int | None = None,
 ) -> dict[str, Any]:
+    """`tensors` (each with its absolute data offset), `parts` and `alignment`
+    are given for a split model: `header` is then part 1's, and offsets are in
+    the concatenation of the parts."""
     metadata = json_metadata(header)
     shards_of: dict[str, int] = {e["tensor_name"]: e["total_shards"] for e in entries}
+    if tensors is None:
+        tensors = [(t, header.data_start + t.offset) for t in header.tensors]
     tensor_specifics = {
         t.name: {
             "shape": list(t.dims),
             "tensor_type": t.ggml_type.name,
-            "data_offset": header.data_start + t.offset,
+            "data_offset": data_offset,
             "size_bytes": t.n_bytes,
             "row_bytes": t.row_bytes,
             "total_shards": shards_of[t.name],
         }
-        for t in header.tensors
+        for t, data_offset in tensors
     }
+    # `parts` only when split, so a one-file model's manifest (and CID) is unchanged.
+    split = {"parts": parts} if parts is not None else {}
     return {
         "format": FORMAT,
         "model_name": Path(file_name).stem,
         "file_name": file_name,
         "file_size": file_size,
         "file_sha256": file_sha,
+        **split,
         "architecture": header.architecture,
         "gguf_version": header.version,
-        "alignment": header.alignment,
+        "alignment": alignment if alignment is not None else header.alignment,
         "chunk_size": chunk_size,
         "header_size": header.data_start,
         "header_sha256": header_sha,

@@ -21,7 +21,7 @@ from protocol.cid import cid_of
 from .errors import FragmentError, ManifestError
 from .folder import READ_SIZE
 from .fsio import open_staging_file
-from .gguf_header import TensorInfo, align, parse_header
+from .gguf_header import GGUFHeader, TensorInfo, align, parse_header
 from .manifest import (
     HEADER_NAME,
     MANIFEST_NAME,
@@ -29,10 +29,12 @@ from .manifest import (
     build_manifest,
     fragment_entry,
     load_manifest_json,
+    parse_manifest,
     serialize,
 )
 from .naming import FRAGMENT_FILE, tensor_role
 from .plan import ShardPlan
+from .split import PartLayout, folder_parts, part_tensors
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,17 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
             f"{path}: alignment {header.alignment} is larger than the {MAX_ALIGNMENT} a manifest allows"
         )
     old = _old_manifest(path)
+    parts = _old_parts(old, header, header_bytes)
     groups = _group_dat_files(path)
     model = old.get("model_name") or _common_model_name(groups) or path.name
     file_name = old.get("file_name") or f"{model}.gguf"
 
+    tensors = part_tensors(parts) if parts else [(t, header.data_start + t.offset) for t in header.tensors]
+    data_bases = {t.name: data_offset - t.offset for t, data_offset in tensors}
     shards: list[tuple[ShardPlan, _DatFile]] = []
-    for t in header.tensors:
+    for t, data_offset in tensors:
         chain = _claim_chain(t, groups)
-        offset = header.data_start + t.offset
+        offset = data_offset
         for dat in chain:
             shards.append((ShardPlan(t, dat.shard, len(chain), offset, dat.size), dat))
             offset += dat.size
@@ -87,7 +92,7 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
                 blocks.update(chunk)
                 file_hash.update(chunk)
         pos = plan.file_offset + plan.size
-        entry = fragment_entry(model, plan, digest.hexdigest(), blocks.root(), used, header.data_start)
+        entry = fragment_entry(model, plan, digest.hexdigest(), blocks.root(), used, data_bases[plan.tensor.name])
         entry["fragment_id"] = dat.path.stem  # keep the names the files already have
         entry["model_name"] = model
         entries.append(entry)
@@ -105,6 +110,7 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
         chunk_size,
         entries,
         [],
+        **_split_fields(parts, tensors, old),
     )
     manifest["model_name"] = model
     if old.get("extra_bytes"):
@@ -116,6 +122,32 @@ def rebuild_manifest(path: Path) -> tuple[str, int]:
     with open_staging_file(path / MANIFEST_NAME) as tmp:
         tmp.write_bytes(data)
     return cid_of(data), len(entries)
+
+
+def _old_parts(old: dict[str, Any], header: GGUFHeader, header_bytes: bytes) -> tuple[PartLayout, ...]:
+    """A split model's parts, from the manifest being replaced: nothing else
+    in the folder says where its files start and end, or holds the headers of
+    parts 2..N. () for a one-file model (or a manifest too broken to tell)."""
+    try:
+        manifest = parse_manifest(old)
+    except ManifestError:
+        return ()
+    return folder_parts(manifest, header, header_bytes)
+
+
+def _split_fields(
+    parts: tuple[PartLayout, ...], tensors: list[tuple[TensorInfo, int]], old: dict[str, Any]
+) -> dict[str, Any]:
+    if not parts:
+        return {}
+    return {
+        "tensors": tensors,
+        "parts": [
+            {"file_name": p.entry.file_name, "file_size": p.entry.file_size, "file_sha256": p.entry.file_sha256}
+            for p in parts
+        ],
+        "alignment": old["alignment"],
+    }
 
 
 def _old_manifest(path: Path) -> dict[str, Any]:

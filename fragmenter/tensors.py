@@ -22,7 +22,7 @@ _BLOCK_BYTES = 8 * 1024 * 1024  # dequantize about this many input bytes at a ti
 
 
 def _tensor(folder: FragmentFolder, name: str) -> tuple[TensorInfo, list[FragmentEntry]]:
-    info = next((t for t in folder.header.tensors if t.name == name), None)
+    info = next((t for t in folder.tensors if t.name == name), None)
     if info is None:
         raise FragmenterError(f"no tensor named {name!r} in this model")
     shards = sorted((f for f in folder.manifest.fragments if f.tensor_name == name), key=lambda f: f.shard_index)
@@ -79,9 +79,9 @@ def validate_folder(path: Path | str, progress: Callable[[int, int], None] | Non
     """Dequantize every tensor from its fragments: shapes add up, values finite."""
     folder = open_folder(Path(path))
     report = ValidateReport()
-    total = sum(t.n_bytes for t in folder.header.tensors)
+    total = sum(t.n_bytes for t in folder.tensors)
     done = 0
-    for info in folder.header.tensors:
+    for info in folder.tensors:
         report.tensors += 1
         try:
             _, shards = _tensor(folder, info.name)

@@ -68,10 +68,17 @@ def tensor_bytes(qtype: T, shape: tuple[int, ...], rng: np.random.Generator) -> 
 
 
 def _writer(
-    path: Path, arch: str, vocab: bool, alignment: int | None, tokenizer_model: str = "llama"
+    path: Path,
+    arch: str,
+    vocab: bool,
+    alignment: int | None,
+    tokenizer_model: str = "llama",
+    split_max_tensors: int = 0,
+    small_first_shard: bool = False,
 ) -> gguf.GGUFWriter:
-    """A writer holding the metadata every test model has."""
-    w = gguf.GGUFWriter(str(path), arch)
+    """A writer holding the metadata every test model has; with
+    `split_max_tensors`, it writes llama.cpp split parts PATH-00001-of-0000N.gguf ..."""
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors, small_first_shard=small_first_shard)
     w.add_block_count(2)
     w.add_embedding_length(64)
     w.add_head_count(4)
@@ -129,9 +136,13 @@ def write_model(
     vocab: bool = True,
     alignment: int | None = None,
     arch: str = "llama",
+    split_max_tensors: int = 0,
+    small_first_shard: bool = False,
 ) -> Path:
+    """A model in `path`; split into parts of at most `split_max_tensors`
+    tensors (named from `path`, which is then not written) when that is set."""
     rng = np.random.default_rng(seed)
-    w = _writer(path, arch, vocab, alignment)
+    w = _writer(path, arch, vocab, alignment, split_max_tensors=split_max_tensors, small_first_shard=small_first_shard)
     for name, qtype, shape in tensors:
         data = tensor_bytes(qtype, shape, rng)
         raw_dtype = None if qtype in (T.F32, T.F16) else qtype
