@@ -143,10 +143,11 @@ class FragmentServer:
     async def _answer(self, stream: INetStream, request: Message) -> None:
         if isinstance(request, ManifestRequest):
             model = self.store.models.get(request.model_cid)
-            if model is None:
+            data = None if model is None else await trio.to_thread.run_sync(model.read_manifest_bytes)
+            if data is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
-                await self._send_body(stream, model.manifest_bytes)
+                await self._send_body(stream, data)
         elif isinstance(request, HaveRequest):
             model = self.store.models.get(request.model_cid)
             if model is None:

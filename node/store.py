@@ -56,7 +56,6 @@ class LocalModel:
     cid: str
     folder: Path
     manifest: Manifest
-    manifest_bytes: bytes
     fragment_cids: list[str]  # manifest order
     header_cid: str | None
     have: list[bool]
@@ -69,6 +68,16 @@ class LocalModel:
     @property
     def name(self) -> str:
         return self.manifest.model_name
+
+    def read_manifest_bytes(self) -> bytes | None:
+        """The manifest as on disk, or None when it no longer hashes to the model
+        CID. Read when asked, not held: a 40,000-fragment manifest is 30 MB, and
+        a seed holds twenty models."""
+        try:
+            data = (self.folder / MANIFEST_NAME).read_bytes()
+        except OSError:
+            return None
+        return data if cid_of(data) == self.cid else None
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,6 @@ class Store:
             cid=cid_of(raw),
             folder=folder,
             manifest=manifest,
-            manifest_bytes=raw,
             fragment_cids=cids,
             header_cid=cid_from_hex(header_sha) if header_sha else None,
             have=have,

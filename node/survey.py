@@ -68,8 +68,9 @@ async def survey(node: Node, model_cid: str, *, find_timeout: float = 10.0) -> S
             nursery.start_soon(ask, peer)
 
     local = node.store.models.get(model_cid)
-    if local is not None:
-        manifest, manifest_bytes = local.manifest, local.manifest_bytes
+    local_bytes = None if local is None else await trio.to_thread.run_sync(local.read_manifest_bytes)
+    if local is not None and local_bytes is not None:
+        manifest, manifest_bytes = local.manifest, local_bytes
     else:
         holders = [p for p, (count, bits) in haves.items() if count == 0 or any(bits)]
         if not holders:
