@@ -29,7 +29,7 @@ from .fsio import open_staging_folder
 from .gguf_header import GGUFHeader, parse_header
 from .manifest import HEADER_NAME, MANIFEST_NAME, MAX_ALIGNMENT, build_manifest, fragment_entry, serialize
 from .split import ModelLayout, check_kept_headers, find_parts, model_layout, order_parts, read_part
-from .tokenizer import UnsupportedVocabulary, write_tokenizer_files
+from .tokenizer import TokenizerBuild, UnsupportedVocabulary
 
 DEFAULT_CHUNK_SIZE = 10 * 1024 * 1024
 _READ_SIZE = 4 * 1024 * 1024
@@ -186,12 +186,13 @@ def fragment_model(
                 with (
                     open_staging_folder(Path(output), force) as staging,
                     _Reader(f, progress, layout.file_size, layout.reads) as reader,
+                    TokenizerBuild(header, staging) as tokenizer,  # beside the fragment stream, on another core
                 ):
                     entries, extra, header_sha, header_root = _write_fragments(reader, header, layout, staging)
                     check_kept_headers(layout.parts, extra)
                     file_sha = reader.finish()
                     try:
-                        tokenizer_files = write_tokenizer_files(header, staging)
+                        tokenizer_files = tokenizer.result()
                     except UnsupportedVocabulary as e:  # the fragments are fine: say so, and go on
                         tokenizer_files, warnings = [], [f"no tokenizer files: {e}"]
                     manifest = build_manifest(

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fragmenter as fr
+from fragmenter import tokenizer as tok
 from node.cli import main
 from tests.gguf_factory import MIXED, write_model, write_vocab_only
 
@@ -120,3 +125,179 @@ def test_fragment_goes_on_without_tokenizer_files_for_an_unsupported_vocabulary(
         "(only 'llama', 'gpt2', 'gemma4', 'bert' and 't5')"
     )
     assert fr.verify_folder(tmp_path / "frag").ok and not list((tmp_path / "frag").glob("tokenizer*"))
+
+
+# ---- the fast paths give the plain paths' bytes --------------------------------------
+
+_ALPHABET = ["a", "b", "c", "\u2581", " ", "\u00e9", "\U0001f600", "\n", '"', "\\", "\x00", "\u2028", "ab"]
+
+
+def _random_vocab(path: Path, seed: int, n: int = 1500) -> fr.GGUFHeader:
+    """A SentencePiece-style vocabulary with what the fast paths must get right:
+    repeated and empty tokens, every token type (and unknown ones), tied, signed-zero
+    and NaN scores, characters outside the BMP, escapes and long pieces."""
+    import random
+
+    import gguf
+
+    rng = random.Random(seed)
+    tokens = ["".join(rng.choice(_ALPHABET) for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4, 6, 9]))) for _ in range(n)]
+    tokens += ["<unk>", "<s>", "</s>", "a b", "long" * 40]
+    types = [rng.choice([1, 1, 1, 1, 2, 3, 4, 5, 6, 0, 7]) for _ in tokens]
+    scores = [rng.choice([0.0, -0.0, -1.0, -2.5, float("nan"), float("-inf"), rng.uniform(-1e4, 1e4)]) for _ in tokens]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(len(tokens) - 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return fr.parse_header(path.read_bytes())
+
+
+def _plain_merges(vocab: tok._Vocab) -> tuple[np.ndarray, np.ndarray]:
+    pieces, lefts, rights = tok._spm_cuts_by_lookup(vocab)
+    order = np.lexsort((rights, lefts, -np.frombuffer(vocab.scores, dtype=np.float64)[pieces]))
+    return lefts[order], rights[order]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spm_merges_by_hash_are_the_merges_by_lookup(tmp_path: Path, seed: int) -> None:
+    vocab = tok._Vocab(_random_vocab(tmp_path / "v.gguf", seed))
+    lefts, rights = tok.spm_merges(vocab)
+    expected = _plain_merges(vocab)
+    assert len(lefts) > 100
+    assert np.array_equal(lefts, expected[0]) and np.array_equal(rights, expected[1])
+
+
+def test_spm_merges_too_many_ranks_to_pack_sort_by_each_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vocab = tok._Vocab(_random_vocab(tmp_path / "v.gguf", 5))
+    expected = _plain_merges(vocab)
+    ranks = tok._score_ranks
+    monkeypatch.setattr(tok, "_score_ranks", lambda v: ranks(v) + (1 << 50))  # same order, no room in an int64
+    lefts, rights = tok.spm_merges(vocab)
+    assert np.array_equal(lefts, expected[0]) and np.array_equal(rights, expected[1])
+
+
+def test_spm_merges_survive_hash_collisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vocab = tok._Vocab(_random_vocab(tmp_path / "v.gguf", 7))
+    expected = _plain_merges(vocab)
+    # Base 1: a string's hash is the sum of its code points. Anagrams in the
+    # vocabulary collide (the lookup fallback)...
+    monkeypatch.setattr(tok, "_HASH_BASE", 1)
+    assert tok._spm_cuts_by_hash(vocab) is None
+    lefts, rights = tok.spm_merges(vocab)
+    assert np.array_equal(lefts, expected[0]) and np.array_equal(rights, expected[1])
+    # ...and without them, halves whose hash is another piece's are told apart by their text.
+    # "ab" sums like "\x00\u00c3" (1 + 196 = 98 + 99), "x" like "\x00w", of another length.
+    tokens = ["a", "bc", "abc", "\x00\u00c3", "c", "xy", "\x00w", "y"]
+    small = tok._Vocab(_written_vocab(tmp_path / "s.gguf", tokens))
+    assert tok._spm_cuts_by_hash(small) is not None
+    lefts, rights = tok.spm_merges(small)
+    assert [(small.tokens[i], small.tokens[j]) for i, j in zip(lefts, rights, strict=True)] == [("a", "bc")]
+
+
+def _written_vocab(path: Path, tokens: list[str]) -> fr.GGUFHeader:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(len(tokens))][::-1])  # the last piece scores highest
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return fr.parse_header(path.read_bytes())
+
+
+def _plain_proto_pieces(vocab: tok._Vocab) -> bytes:
+    """The SentencePiece messages one by one, as the format describes them."""
+    out = b""
+    for piece, score, ty in zip(vocab.tokens, vocab.scores, vocab.types, strict=True):
+        raw = (piece.replace(" ", "\u2581") if ty == tok.USER_DEFINED else piece).encode("utf-8")
+        body = b"\x0a" + tok._varint(len(raw)) + raw + b"\x15" + struct.pack("<f", score)
+        if ty != tok.NORMAL:
+            body += b"\x18" + tok._varint(ty if ty in (2, 3, 4, 5, 6) else tok.NORMAL)
+        out += b"\x0a" + tok._varint(len(body)) + body
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_writers_write_the_plain_bytes(tmp_path: Path, seed: int) -> None:
+    header = _random_vocab(tmp_path / "v.gguf", seed)
+    names = fr.write_tokenizer_files(header, tmp_path / "out")
+    vocab = tok._Vocab(header)
+    model = (tmp_path / "out" / "tokenizer.model").read_bytes()
+    assert model.startswith(_plain_proto_pieces(vocab))
+    # tokenizer.json, streamed from spans, is json.dumps of the whole document.
+    doc = tok._spm_parts(vocab)
+    lefts, rights = _plain_merges(vocab)
+    doc["model"]["vocab"] = vocab.ids
+    doc["model"]["merges"] = [[vocab.tokens[i], vocab.tokens[j]] for i, j in zip(lefts, rights, strict=True)]
+    expected = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == expected
+    assert names[:2] == ["tokenizer.json", "tokenizer.model"]
+
+
+def test_a_vocabulary_without_merges(tmp_path: Path) -> None:
+    header = _written_vocab(tmp_path / "v.gguf", ["a", "b", "\u2581"])
+    fr.write_tokenizer_files(header, tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    assert doc["model"]["vocab"] == {"a": 0, "b": 1, "\u2581": 2} and doc["model"]["merges"] == []
+
+
+# ---- built beside the fragment stream --------------------------------------------------
+
+
+def test_tokenizer_build_in_a_child_writes_what_the_parent_would(tmp_path: Path) -> None:
+    if not tok._can_fork():
+        pytest.skip("this process cannot fork safely (threads, or one CPU)")
+    header = _random_vocab(tmp_path / "v.gguf", 3)
+    with tok.TokenizerBuild(header, tmp_path / "child") as build:
+        assert build.pid is not None
+        names = build.result()
+    in_process = fr.write_tokenizer_files(header, tmp_path / "here")
+    assert names == in_process
+    for name in names:
+        assert (tmp_path / "child" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+def test_tokenizer_build_errors_reach_the_parent(tmp_path: Path) -> None:
+    if not tok._can_fork():
+        pytest.skip("this process cannot fork safely (threads, or one CPU)")
+    rwkv = fr.parse_header(write_vocab_only(tmp_path / "rwkv.gguf", tokenizer_model="rwkv").read_bytes())
+    with tok.TokenizerBuild(rwkv, tmp_path / "out") as build, pytest.raises(tok.UnsupportedVocabulary, match="rwkv"):
+        build.result()
+    header = _random_vocab(tmp_path / "v.gguf", 1)
+    with tok.TokenizerBuild(header, tmp_path / "out") as build:
+        assert build.pid is not None
+        os.kill(build.pid, signal.SIGKILL)
+        with pytest.raises(fr.FragmenterError, match="were not written: their process was killed by signal 9"):
+            build.result()
+
+
+def test_an_abandoned_tokenizer_build_stops_its_child(tmp_path: Path) -> None:
+    if not tok._can_fork():
+        pytest.skip("this process cannot fork safely (threads, or one CPU)")
+    with tok.TokenizerBuild(_random_vocab(tmp_path / "v.gguf", 2), tmp_path / "out") as build:
+        pid = build.pid
+    assert pid is not None and build.pid is None
+    with pytest.raises(ChildProcessError):  # killed and reaped
+        os.waitpid(pid, 0)
+
+
+def test_tokenizer_build_without_fork_runs_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tok, "_can_fork", lambda: False)
+    header = _random_vocab(tmp_path / "v.gguf", 0)
+    with tok.TokenizerBuild(header, tmp_path / "out") as build:
+        assert build.pid is None
+        assert build.result() == [
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ]
