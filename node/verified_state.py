@@ -48,7 +48,7 @@ class BadState(ValueError):
     """A state file that is not one we wrote (torn, edited, another version)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileRecord:
     name: str
     size: int
