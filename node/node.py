@@ -93,6 +93,8 @@ class Node:
         self.banned = server.banned  # sent bad data or broke the protocol: refused by every protocol for a while
         self.nursery: trio.Nursery  # set by open_node; swarms live in it
         self.metrics_url: str | None = None  # where /metrics is served (config.metrics), once bound
+        self.indexed = trio.Event()  # every model folder of the data dir is in the store
+        self.index_seconds = 0.0
 
     # ---- swarms ------------------------------------------------------------
 
@@ -252,7 +254,10 @@ class Node:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
+async def open_node(config: NodeConfig, wait_for_index: bool = True) -> AsyncIterator[Node]:
+    """A running node. The host listens before the data dir is indexed (a seed
+    of twenty large models answers at once, and serves each model as soon as it
+    is read); `wait_for_index=False` yields then, else once `node.indexed`."""
     data_dir = Path(config.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +270,6 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     for text in config.bootstrap:
         parse_peer_addr(text)  # fail fast on a malformed address
     store = Store(data_dir)
-    await trio.to_thread.run_sync(store.scan)
     key_pair = load_or_create_identity(store.state_dir)
     host = make_host(key_pair, config.peers)
     server = FragmentServer(store, config.serve)
@@ -285,9 +289,9 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 nursery.start_soon(manage_connections, host, config.peers.prune_interval)
                 nursery.start_soon(node._republisher)
                 nursery.start_soon(_flush_verified, store)
-                for model in store.models.values():
-                    if model.complete or any(model.have):  # a partial replica serves, so announces, its part
-                        node.announce_model(model)
+                nursery.start_soon(_index_models, node)
+                if wait_for_index:
+                    await node.indexed.wait()
                 try:
                     async with AsyncExitStack() as stack:
                         if config.metrics is not None:
@@ -331,6 +335,24 @@ class _BanGate(INotifee):
 
     async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
         pass
+
+
+async def _index_models(node: Node) -> None:
+    """Read the data dir's model folders on a worker thread, one at a time;
+    each is served and announced as soon as it is read."""
+    start = trio.current_time()
+    store = node.store
+    cache = await trio.to_thread.run_sync(store.load_hash_cache)
+    for folder in await trio.to_thread.run_sync(store.model_folders):
+        model = await trio.to_thread.run_sync(store.read_folder, folder, cache)
+        if model is None or model.cid in store.models:
+            continue  # unreadable (logged), or a pull began it meanwhile
+        store.add_model(model)
+        if model.complete or any(model.have):  # a partial replica serves, so announces, its part
+            node.announce_model(model)
+    await trio.to_thread.run_sync(store.save_hash_cache, cache)
+    node.index_seconds = trio.current_time() - start
+    node.indexed.set()
 
 
 async def _flush_verified(store: Store) -> None:

@@ -114,19 +114,42 @@ class Store:
         """(Re)index every model folder in the data dir."""
         self.models.clear()
         self._blobs.clear()
-        cache = self._load_hash_cache()
-        for folder in sorted(p for p in self.data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (folder / MANIFEST_NAME).is_file():
-                continue
-            for stale in folder.glob(PARTIAL_PREFIX + "*"):
-                stale.unlink(missing_ok=True)
-            try:
-                self._add_folder(folder, cache)
-            except (FragmenterError, OSError, ValueError) as e:
-                log.warning("skipping %s: %s", folder, e)
-        self._save_hash_cache(cache)
+        cache = self.load_hash_cache()
+        for folder in self.model_folders():
+            model = self.read_folder(folder, cache)
+            if model is not None:
+                self.add_model(model)
+        self.save_hash_cache(cache)
+
+    def model_folders(self) -> list[Path]:
+        """The folders of the data dir that hold a manifest."""
+        return sorted(
+            p
+            for p in self.data_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+        )
+
+    def read_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel | None:
+        """A model folder read and checked, not yet indexed (`add_model`); None
+        (logged) when it cannot be served. Safe on a worker thread while the
+        node serves the models already added: it touches no index."""
+        for stale in folder.glob(PARTIAL_PREFIX + "*"):
+            stale.unlink(missing_ok=True)
+        try:
+            return self._read_folder(folder, cache)
+        except (FragmenterError, OSError, ValueError) as e:
+            log.warning("skipping %s: %s", folder, e)
+            return None
+
+    def add_model(self, model: LocalModel) -> None:
+        self._index(model)
 
     def _add_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
+        model = self._read_folder(folder, cache)
+        self._index(model)
+        return model
+
+    def _read_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
         raw = (folder / MANIFEST_NAME).read_bytes()
         manifest = parse_manifest(load_manifest_json(raw, str(folder / MANIFEST_NAME)), str(folder / MANIFEST_NAME))
         cids: list[str] = []
@@ -154,7 +177,6 @@ class Store:
             have=have,
             header_present=header_present,
         )
-        self._index(model)
         self._load_verified(model)
         return model
 
@@ -297,7 +319,7 @@ class Store:
                 records = by_folder.get(os.path.dirname(key))
                 if records is not None:
                     records.append(record)
-        cids = {m.folder: m.cid for m in self.models.values()}
+        cids = {m.folder: m.cid for m in list(self.models.values())}  # list(): models are added meanwhile
         try:
             sync_filesystem(self.data_dir)  # the files these records vouch for, written without fsync
         except OSError as e:
@@ -363,14 +385,14 @@ class Store:
 
     # ---- hash cache for the existing tool's folders ----------------------
 
-    def _load_hash_cache(self) -> dict[str, list]:
+    def load_hash_cache(self) -> dict[str, list]:
         try:
             data = json.loads((self.state_dir / _HASH_CACHE).read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
 
-    def _save_hash_cache(self, cache: dict[str, list]) -> None:
+    def save_hash_cache(self, cache: dict[str, list]) -> None:
         if cache:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.state_dir / _HASH_CACHE, json.dumps(cache).encode())
