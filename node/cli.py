@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from fragmenter import FragmenterError, assemble, fragment_model
+from fragmenter.assemble import AssembleResult
 from fragmenter.cli import (
     add_fragmenter_commands,
     emit,
@@ -33,6 +34,7 @@ from fragmenter.cli import (
 )
 from fragmenter.progress import human_bytes
 from fragmenter.selection import Selection, held_summary, parse_layers
+from fragmenter.split import model_file_name
 from protocol import is_cid
 
 from .adopt import AdoptOptions, adopt
@@ -130,9 +132,15 @@ async def _report_stats(node: Node, every: float = 5.0) -> None:
         print(json.dumps(event), flush=True)
 
 
-def _run_node(args: argparse.Namespace, body: Any, config: NodeConfig | None = None, quiet: bool = False) -> int:
+def _run_node(
+    args: argparse.Namespace,
+    body: Any,
+    config: NodeConfig | None = None,
+    quiet: bool = False,
+    wait_for_index: bool = True,
+) -> int:
     async def main() -> int:
-        async with open_node(config or load_config(args)) as node:
+        async with open_node(config or load_config(args), wait_for_index) as node:
             if not quiet:
                 _print_addrs(args, node)
             if node.metrics_url:
@@ -186,6 +194,7 @@ def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
         return 2
 
     async def body(node: Node) -> int:
+        await node.indexed.wait()  # listening already: each model is served as soon as it is read
         for m in _models_line(node):
             emit(
                 args,
@@ -193,6 +202,13 @@ def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
                 event="serving",
                 **m,
             )
+        emit(
+            args,
+            f"indexed {len(node.store.models)} model(s) in {node.index_seconds:.1f} s",
+            event="indexed",
+            models=len(node.store.models),
+            seconds=round(node.index_seconds, 3),
+        )
         async with trio.open_nursery() as nursery:
             for cid in adopting:
                 options = AdoptOptions(
@@ -203,7 +219,7 @@ def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
             nursery.cancel_scope.cancel()
         return 0
 
-    return _run_node(args, body, config)
+    return _run_node(args, body, config, wait_for_index=False)
 
 
 def _adopt_line(args: argparse.Namespace, event: dict[str, Any]) -> None:
@@ -228,7 +244,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model = Path(args.model)
-    folder = config.data_dir / model.stem
+    # NAME, not NAME-00001-of-00003, for a split model's part: the manifest's model_name.
+    folder = config.data_dir / Path(model_file_name(model)).stem
     bar = progress_bar(args, "fragment")
     with sigterm_as_interrupt():
         result = fragment_model(model, folder, args.chunk_size, args.force, bar)
@@ -258,6 +275,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 2
     if args.output and not selection.whole:
         print("error: --output assembles the whole model; it cannot be used with a partial pull", file=sys.stderr)
+        return 2
+    if args.merge and not args.output:
+        print("error: --merge needs --output (the file to merge a split model's parts into)", file=sys.stderr)
         return 2
     bar = progress_bar(args, "pull")
 
@@ -299,19 +319,41 @@ def cmd_pull(args: argparse.Namespace) -> int:
             already_had=stats.already_had,
         )
         if args.output:
-            result = await trio.to_thread.run_sync(assemble, model.folder, Path(args.output), True, None)
-            emit(
-                args,
-                f"assembled {result.output} (sha256 {result.file_sha256}, matches the manifest)",
-                event="assembled",
-                output=str(result.output),
-                file_sha256=result.file_sha256,
+            result = await trio.to_thread.run_sync(
+                lambda: assemble(model.folder, Path(args.output), True, None, merge=args.merge)
             )
+            _assembled_line(args, result)
         if args.seed:
             await _serve_forever(args, node)
         return 0
 
     return _run_node(args, body)
+
+
+def _assembled_line(args: argparse.Namespace, result: AssembleResult) -> None:
+    """What `pull --output` wrote: one file, a split model's parts (in a
+    folder), or those parts merged; the JSON is `assemble --json`'s event."""
+    if result.merged:
+        # The merged file is no file the publisher had: no file_sha256 to match, each fragment was checked.
+        text = f"assembled {result.output}, the parts merged into one file (sha256 {result.file_sha256})"
+    elif result.files:
+        names = ", ".join(f.name for f in result.files)
+        text = f"assembled {len(result.files)} parts into {result.output}: {names} (each matches its file_sha256)"
+    elif result.checked_against_manifest:
+        text = f"assembled {result.output} (sha256 {result.file_sha256}, matches the manifest)"
+    else:
+        text = f"assembled {result.output} (sha256 {result.file_sha256}; the manifest has no file_sha256)"
+    emit(
+        args,
+        text,
+        event="assembled",
+        output=str(result.output),
+        file_size=result.file_size,
+        file_sha256=result.file_sha256,
+        checked=result.checked_against_manifest,
+        files=[str(f) for f in result.files],
+        merged=result.merged,
+    )
 
 
 def cmd_where(args: argparse.Namespace) -> int:
@@ -402,11 +444,32 @@ def _node_arguments(p: argparse.ArgumentParser, data_dir_required: bool = False)
     p.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
 
 
+_SPLIT_EXAMPLES = {
+    "fragment": """\
+split models (llama.cpp's NAME-00001-of-0000N.gguf parts) make one folder and one CID:
+  gguf-swarm fragment Qwen-00001-of-00003.gguf --output qwen   # finds parts 2 and 3 beside it""",
+    "assemble": """\
+a split model comes back as its parts, byte-identical, in the --output folder; or merged:
+  gguf-swarm assemble qwen --output qwen-parts/           # qwen-parts/Qwen-0000{1,2,3}-of-00003.gguf
+  gguf-swarm assemble qwen --output Qwen.gguf --merge     # one unsplit GGUF""",
+}
+
+
+def _add_split_examples(sub: Any) -> None:
+    """Examples under `fragment --help` and `assemble --help` (fragmenter/cli.py
+    builds those parsers; this console script is where users read them)."""
+    for name, text in _SPLIT_EXAMPLES.items():
+        p = sub.choices[name]
+        p.epilog = text
+        p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the example lines as written
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gguf-swarm", description="Move GGUF models between machines, peer to peer.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_fragmenter_commands(sub)
+    _add_split_examples(sub)
     p = sub.add_parser("seed", help="serve every model in the data dir and keep them announced")
     keep = p.add_argument_group("keeping parts alive (take on a model's rarest fragments)")
     keep.add_argument("--adopt", action="append", metavar="MODEL_CID", help="adopt this model's rarest fragments")
@@ -416,14 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
     _node_arguments(p)
     p.set_defaults(func=cmd_seed)
     p = sub.add_parser("publish", help="fragment a GGUF into the data dir, then seed")
-    p.add_argument("model")
+    p.add_argument("model", help="the GGUF file; for a split model (NAME-00001-of-0000N.gguf ...) any one part")
     p.add_argument("--chunk-size", type=parse_chunk_size, default=10 * 1024 * 1024)
     p.add_argument("--force", action="store_true", help="replace an existing fragment folder")
     _node_arguments(p)
     p.set_defaults(func=cmd_publish)
     p = sub.add_parser("pull", help="fetch a model (or some layers) by CID from the swarm, every fragment verified")
     p.add_argument("model_cid")
-    p.add_argument("--output", "-o", help="also assemble the GGUF here (checked against file_sha256)")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="also assemble the GGUF here (checked against file_sha256); a split model: the folder for its parts",
+    )
+    p.add_argument("--merge", action="store_true", help="with --output, a split model: write one unsplit GGUF")
     p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to look for peers (default 30)")
     p.add_argument("--seed", action="store_true", help="keep serving after the pull")
     part = p.add_argument_group("partial pull (a node that runs some layers holds only those)")
