@@ -38,7 +38,7 @@ from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.fsio import fsync_dir, sync_filesystem
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
-from protocol.cid import cid_from_hex, cid_of, digest_of_cid
+from protocol.cid import cid_from_hex, cid_of, cids_from_hex, digest_of_cid
 
 from . import verified_state
 from .verified_state import BadState, FileRecord
@@ -152,18 +152,20 @@ class Store:
     def _read_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
         raw = (folder / MANIFEST_NAME).read_bytes()
         manifest = parse_manifest(load_manifest_json(raw, str(folder / MANIFEST_NAME)), str(folder / MANIFEST_NAME))
-        cids: list[str] = []
+        shas: list[str] = []
         have: list[bool] = []
+        folder_str = str(folder)  # plain strings: pathlib cost more than the stat, at 40,000 files
         for entry in manifest.fragments:
-            path = folder / entry.file_name
+            path = os.path.join(folder_str, entry.file_name)
             present = _size_of(path) == entry.size
             sha = entry.sha256
             if sha is None and present:
-                sha = _cached_sha256(path, cache)
+                sha = _cached_sha256(Path(path), cache)
                 if sha[:16] != entry.checksum:
                     present, sha = False, None
-            cids.append(cid_from_hex(sha) if sha else "")
+            shas.append(sha or "")
             have.append(present and sha is not None)
+        cids = cids_from_hex(shas)
         header_sha = manifest.raw.get("header_sha256")
         header_present = _size_of(folder / HEADER_NAME) == manifest.header_size
         if header_sha is None and header_present:
@@ -421,9 +423,9 @@ def _write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def _size_of(path: Path) -> int:
+def _size_of(path: Path | str) -> int:
     try:
-        return path.stat().st_size
+        return os.stat(path).st_size
     except OSError:
         return -1
 

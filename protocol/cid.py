@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Sequence
+
+import numpy as np
 
 _PREFIX = bytes([0x01, 0x55, 0x12, 0x20])  # CIDv1, raw, sha2-256, 32-byte digest
 
@@ -24,6 +27,27 @@ def cid_from_digest(digest: bytes) -> str:
 
 def cid_from_hex(sha256_hex: str) -> str:
     return cid_from_digest(bytes.fromhex(sha256_hex))
+
+
+_BASE32 = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz234567", dtype=np.uint8)
+_FIVE_BITS = np.array([16, 8, 4, 2, 1], dtype=np.uint8)
+
+
+def cids_from_hex(sha256_hexes: Sequence[str]) -> list[str]:
+    """`cid_from_hex` of each digest ("" stays ""), all at once: base32 in
+    Python costs 10 us a CID, 0.4 s of indexing a 40,000-fragment model."""
+    present = [h for h in sha256_hexes if h]
+    if not present:
+        return ["" for _ in sha256_hexes]
+    digests = np.frombuffer(bytes.fromhex("".join(present)), dtype=np.uint8).reshape(len(present), 32)
+    prefixed = np.concatenate([np.tile(np.frombuffer(_PREFIX, dtype=np.uint8), (len(present), 1)), digests], axis=1)
+    bits = np.pad(np.unpackbits(prefixed, axis=1), ((0, 0), (0, 2)))  # 288 bits -> 58 base32 digits of 5
+    text = _BASE32[bits.reshape(len(present), 58, 5) @ _FIVE_BITS].tobytes().decode("ascii")
+    cids = ["b" + text[i : i + 58] for i in range(0, len(text), 58)]
+    if len(cids) == len(sha256_hexes):
+        return cids
+    found = iter(cids)
+    return [next(found) if h else "" for h in sha256_hexes]
 
 
 def cid_of(data: bytes) -> str:
