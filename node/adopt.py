@@ -131,7 +131,7 @@ async def _round(node: Node, model_cid: str, adopter: Adopter, found: Survey, rn
 
 
 def _key(model: LocalModel, k: int) -> str:
-    return model.fragment_cids[k] or model.manifest.fragments[k].fragment_id
+    return model.fragment_cid(k) or model.manifest.fragments[k].fragment_id
 
 
 def _event(model_cid: str, found: Survey, plan: AdoptionPlan) -> Event:

@@ -83,17 +83,21 @@ class Node:
         self.store = store
         self.server = server
         self._model_queue: deque[str] = deque()
-        self._fragment_queue: deque[str] = deque()
+        self._fragment_queue: deque[str] = deque()  # single fragments, completed by a pull
         self._queued: set[str] = set()
+        # Model CID -> the next of its fragments to announce. A cursor, not a
+        # queue of CIDs: twenty 40,000-fragment models queued 800,000 strings.
+        self._sweeps: dict[str, int] = {}
         self._wake = trio.Event()
         self._pulls_transferring = 0
-        self.announced: set[str] = set()
+        self.announced: set[str] = set()  # model CIDs and single fragments announced (not sweeps: see announced_count)
+        self.announced_count = 0  # keys provided, all kinds
         self.swarms: dict[str, ModelSwarm] = {}
         self._swarm_lock = trio.Lock()
         self.banned = server.banned  # sent bad data or broke the protocol: refused by every protocol for a while
         self.nursery: trio.Nursery  # set by open_node; swarms live in it
         self.metrics_url: str | None = None  # where /metrics is served (config.metrics), once bound
-        self.indexed = trio.Event()  # every model folder of the data dir is in the store
+        self.indexed = server.indexed  # every model folder of the data dir is in the store
         self.index_seconds = 0.0
 
     # ---- swarms ------------------------------------------------------------
@@ -131,7 +135,7 @@ class Node:
                 raise StreamClosed("banned peer")
             with trio.fail_after(10):
                 first, hello = await read_hello(stream)
-            model = self.store.models.get(hello.model_cid)
+            model = await self.server.model(hello.model_cid)
             if model is None:
                 with trio.move_on_after(2):
                     await stream.write(encode_exchange(Error(ErrorCode.NOT_FOUND, "model not held here")))
@@ -166,9 +170,8 @@ class Node:
     def announce_model(self, model: LocalModel) -> None:
         """Queue the model CID (first) and every fragment CID held for providing."""
         self._queue(model.cid, self._model_queue)
-        for cid, held in zip(model.fragment_cids, model.have, strict=True):
-            if held and cid:
-                self._queue(cid, self._fragment_queue)
+        self._sweeps[model.cid] = 0  # from the first fragment again (a republish, a new holding)
+        self._wake.set()
 
     def announce_fragment(self, cid: str) -> None:
         self._queue(cid, self._fragment_queue)
@@ -191,20 +194,49 @@ class Node:
             self._pulls_transferring -= 1
             self._wake.set()
 
+    def announcing_idle(self) -> bool:
+        return not (self._model_queue or self._fragment_queue or self._sweeps or self._wake.is_set())
+
+    def _next_key(self) -> tuple[str | None, bool]:
+        """(the next key to provide, whether it is a single key to remember in
+        `announced`); None when only fragments are left and a pull transfers."""
+        if self._model_queue:
+            key = self._model_queue.popleft()
+            self._queued.discard(key)
+            return key, True
+        if self._pulls_transferring > 0:
+            return None, False
+        if self._fragment_queue:
+            key = self._fragment_queue.popleft()
+            self._queued.discard(key)
+            return key, True
+        while self._sweeps:
+            model_cid, k = next(iter(self._sweeps.items()))
+            model = self.store.models.get(model_cid)
+            n = 0 if model is None else len(model.have)
+            while k < n and not (model.have[k] and model.fragment_digest(k) is not None):  # type: ignore[union-attr]
+                k += 1
+            if k >= n:
+                del self._sweeps[model_cid]
+                continue
+            self._sweeps[model_cid] = k + 1
+            return model.fragment_cid(k), False  # type: ignore[union-attr]
+        return None, False
+
     async def _announcer(self) -> None:
         interval = 1.0 / self.config.provides_per_second
         while True:
-            fragments_wait = self._pulls_transferring > 0
-            if not self._model_queue and (fragments_wait or not self._fragment_queue):
+            key, single = self._next_key()
+            if key is None:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            key = (self._model_queue or self._fragment_queue).popleft()
-            self._queued.discard(key)
             with trio.move_on_after(30):
                 try:
                     if await self.dht.provide(key):
-                        self.announced.add(key)
+                        self.announced_count += 1
+                        if single:
+                            self.announced.add(key)
                 except Exception as e:  # a DHT hiccup must not stop announcing
                     log.warning("provide %s failed: %s", key, e)
             await trio.sleep(interval)

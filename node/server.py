@@ -41,12 +41,13 @@ from protocol import (
 
 from .ratelimit import TokenBucket
 from .standing import BanList
-from .store import Store
+from .store import LocalModel, Store
 from .streams import StreamClosed, read_message, send_message
 
 log = logging.getLogger(__name__)
 _WRITE = 1 << 20
 MAX_ASKERS = 200  # remembered per model
+INDEX_WAIT = 30.0  # seconds a request for a model not yet indexed waits for the index
 
 
 @dataclass
@@ -77,6 +78,9 @@ class FragmentServer:
     askers: dict[str, dict[ID, None]] = field(default_factory=dict)
     # model CID -> fragment k being fetched now (set by the node: its swarms know); None: nothing
     fetching_of: Callable[[str], list[bool] | None] = lambda cid: None
+    # Set once the data dir is indexed (the node listens before): until then a
+    # request for a model not yet read waits for it instead of hearing NOT_FOUND.
+    indexed: trio.Event = field(default_factory=trio.Event)
     _bucket: TokenBucket | None = None
     _handlers: set[trio.CancelScope] = field(default_factory=set)
 
@@ -140,16 +144,25 @@ class FragmentServer:
                     pass  # the client is done with this stream
         await stream.close()
 
+    async def model(self, model_cid: str) -> LocalModel | None:
+        """The model, waiting (a while) for the index if it is still being built."""
+        model = self.store.models.get(model_cid)
+        if model is None and not self.indexed.is_set():
+            with trio.move_on_after(INDEX_WAIT):
+                await self.indexed.wait()
+            model = self.store.models.get(model_cid)
+        return model
+
     async def _answer(self, stream: INetStream, request: Message) -> None:
         if isinstance(request, ManifestRequest):
-            model = self.store.models.get(request.model_cid)
+            model = await self.model(request.model_cid)
             data = None if model is None else await trio.to_thread.run_sync(model.read_manifest_bytes)
             if data is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
                 await self._send_body(stream, data)
         elif isinstance(request, HaveRequest):
-            model = self.store.models.get(request.model_cid)
+            model = await self.model(request.model_cid)
             if model is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
@@ -158,7 +171,7 @@ class FragmentServer:
                 have = model.have
                 await self._write(stream, encode_frame(Have(len(have), encode_bitfield(have))))
         elif isinstance(request, FetchingRequest):
-            model = self.store.models.get(request.model_cid)
+            model = await self.model(request.model_cid)
             if model is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
             else:
@@ -178,6 +191,10 @@ class FragmentServer:
 
     async def _send_fragment(self, stream: INetStream, request: FragmentRequest) -> None:
         blob = self.store.locate(request.cid)
+        if blob is None and not self.indexed.is_set():
+            with trio.move_on_after(INDEX_WAIT):
+                await self.indexed.wait()
+            blob = self.store.locate(request.cid)
         if blob is None or request.offset > blob.size:
             await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "fragment not held here")))
             return

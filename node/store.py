@@ -34,11 +34,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.fsio import fsync_dir, sync_filesystem
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
-from protocol.cid import cid_from_hex, cid_of, cids_from_hex, digest_of_cid
+from protocol.cid import InvalidCID, cid_from_digest, cid_from_hex, cid_of, cids_from_hex, digest_of_cid
 
 from . import verified_state
 from .verified_state import BadState, FileRecord
@@ -49,6 +51,7 @@ _HASH_CACHE = "hash-cache.json"
 PARTIAL_PREFIX = ".partial-"
 RESUME_PREFIX = ".resume-"
 _VERIFIED_DIR = "verified"
+_UNKNOWN = bytes(32)
 
 
 @dataclass
@@ -56,10 +59,49 @@ class LocalModel:
     cid: str
     folder: Path
     manifest: Manifest
-    fragment_cids: list[str]  # manifest order
+    # SHA-256 of each fragment, manifest order, 32 bytes each (zeros: unknown, an
+    # existing tool's fragment not yet hashed). Bytes, not CID strings: a seed of
+    # twenty 40,000-fragment models held 280 MB of CIDs and their index.
+    digests: bytes
     header_cid: str | None
     have: list[bool]
     header_present: bool
+    # The digests' first 8 bytes sorted, and the fragment of each: finds a
+    # fragment by CID with one binary search.
+    _prefixes: np.ndarray = field(init=False, repr=False)
+    _order: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        prefixes = np.frombuffer(self.digests, dtype=">u8")[::4] if self.digests else np.zeros(0, ">u8")
+        self._order = np.argsort(prefixes, kind="stable").astype(np.int32)
+        self._prefixes = prefixes[self._order].astype(np.uint64)
+
+    def fragment_digest(self, k: int) -> bytes | None:
+        digest = self.digests[32 * k : 32 * k + 32]
+        return None if digest == _UNKNOWN else digest
+
+    def fragment_cid(self, k: int) -> str:
+        """Fragment k's CID; "" when its digest is not known."""
+        digest = self.fragment_digest(k)
+        return "" if digest is None else cid_from_digest(digest)
+
+    @property
+    def fragment_cids(self) -> list[str]:
+        """Every fragment's CID (computed: see `digests`)."""
+        hexes = self.digests.hex()
+        known = [self.fragment_digest(k) is not None for k in range(len(self.have))]
+        return cids_from_hex([hexes[64 * k : 64 * k + 64] if ok else "" for k, ok in enumerate(known)])
+
+    def find_fragment(self, digest: bytes) -> int | None:
+        """The fragment with this SHA-256, if the manifest has one."""
+        prefix = np.uint64(int.from_bytes(digest[:8], "big"))
+        at = int(np.searchsorted(self._prefixes, prefix))
+        while at < len(self._prefixes) and self._prefixes[at] == prefix:
+            k = int(self._order[at])
+            if self.digests[32 * k : 32 * k + 32] == digest:
+                return k
+            at += 1
+        return None
 
     @property
     def complete(self) -> bool:
@@ -95,7 +137,6 @@ class Blob:
 class Store:
     data_dir: Path
     models: dict[str, LocalModel] = field(default_factory=dict)
-    _blobs: dict[str, list[tuple[LocalModel, int]]] = field(default_factory=dict)  # cid -> (model, index | -1)
     # path -> record of a file checked against its full hash (kept on disk per folder: verified_state.py)
     _verified: dict[str, FileRecord] = field(default_factory=dict)
     _dirty: set[Path] = field(default_factory=set)  # folders whose record on disk is behind
@@ -113,7 +154,6 @@ class Store:
     def scan(self) -> None:
         """(Re)index every model folder in the data dir."""
         self.models.clear()
-        self._blobs.clear()
         cache = self.load_hash_cache()
         for folder in self.model_folders():
             model = self.read_folder(folder, cache)
@@ -152,7 +192,7 @@ class Store:
     def _read_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
         raw = (folder / MANIFEST_NAME).read_bytes()
         manifest = parse_manifest(load_manifest_json(raw, str(folder / MANIFEST_NAME)), str(folder / MANIFEST_NAME))
-        shas: list[str] = []
+        shas: list[str] = []  # hex; "" unknown
         have: list[bool] = []
         folder_str = str(folder)  # plain strings: pathlib cost more than the stat, at 40,000 files
         for entry in manifest.fragments:
@@ -165,7 +205,7 @@ class Store:
                     present, sha = False, None
             shas.append(sha or "")
             have.append(present and sha is not None)
-        cids = cids_from_hex(shas)
+        digests = b"".join(bytes.fromhex(sha) if sha else _UNKNOWN for sha in shas)
         header_sha = manifest.raw.get("header_sha256")
         header_present = _size_of(folder / HEADER_NAME) == manifest.header_size
         if header_sha is None and header_present:
@@ -174,7 +214,7 @@ class Store:
             cid=cid_of(raw),
             folder=folder,
             manifest=manifest,
-            fragment_cids=cids,
+            digests=digests,
             header_cid=cid_from_hex(header_sha) if header_sha else None,
             have=have,
             header_present=header_present,
@@ -184,23 +224,24 @@ class Store:
 
     def _index(self, model: LocalModel) -> None:
         self.models[model.cid] = model
-        for i, cid in enumerate(model.fragment_cids):
-            if cid:
-                self._blobs.setdefault(cid, []).append((model, i))
-        if model.header_cid:
-            self._blobs.setdefault(model.header_cid, []).append((model, -1))
 
     # ---- lookups for serving --------------------------------------------
 
     def locate(self, cid: str) -> Blob | None:
-        for model, index in self._blobs.get(cid, []):
-            if index == -1:
+        try:
+            digest = digest_of_cid(cid)
+        except InvalidCID:
+            return None
+        for model in list(self.models.values()):  # list(): models are added meanwhile (store.py's indexing)
+            if cid == model.header_cid:
                 if model.header_present:
-                    sha = model.manifest.raw.get("header_sha256") or _digest_hex(cid)
+                    sha = model.manifest.raw.get("header_sha256") or digest.hex()
                     return Blob(model.folder / HEADER_NAME, model.manifest.header_size, sha, model.cid, -1)
-            elif model.have[index]:
+                continue
+            index = model.find_fragment(digest)
+            if index is not None and model.have[index]:
                 entry = model.manifest.fragments[index]
-                return Blob(model.folder / entry.file_name, entry.size, _digest_hex(cid), model.cid, index)
+                return Blob(model.folder / entry.file_name, entry.size, digest.hex(), model.cid, index)
         return None
 
     def read_verified(self, blob: Blob, offset: int = 0, length: int | None = None) -> bytes | None:
@@ -472,7 +513,3 @@ def _expected_files(manifest: Manifest) -> dict[str, tuple[int, str | None]]:
     files: dict[str, tuple[int, str | None]] = {e.file_name: (e.size, e.block_root) for e in manifest.fragments}
     files[HEADER_NAME] = (manifest.header_size, manifest.header_block_root)
     return files
-
-
-def _digest_hex(cid: str) -> str:
-    return digest_of_cid(cid).hex()

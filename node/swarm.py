@@ -864,7 +864,7 @@ class ModelSwarm:
         if completed_file:
             file = self.layout.file_of(block)
             if file < len(self.model.have):
-                self.node.announce_fragment(self.model.fragment_cids[file])
+                self.node.announce_fragment(self.model.fragment_cid(file))
             self._file_done(file)
             self._lost_told.discard(file)  # held again: the HAVEs just sent say so
             try:

@@ -57,7 +57,7 @@ async def seed_with(data_dir: Path, peers: PeerLimits) -> AsyncIterator[Node]:
     config = NodeConfig(data_dir, listen=LOOPBACK, peers=peers, provides_per_second=1000)
     async with open_node(config) as node:
         with trio.fail_after(5):
-            while node._model_queue or node._fragment_queue or node._wake.is_set():  # the announcer is idle
+            while not node.announcing_idle():
                 await trio.sleep(0.05)
         yield node
 

@@ -3,6 +3,7 @@ files again, and only the node's own republisher re-provides its keys."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -10,9 +11,15 @@ import pytest
 import trio
 from libp2p.kad_dht import kad_dht as kad_module
 from libp2p.kad_dht.provider_store import ProviderStore
+from libp2p.peer.peerinfo import PeerInfo
 
+from node.client import request_have
 from node.node import NodeConfig, open_node
 from node.pull import PullOptions, pull_model
+from node.store import Store
+from protocol import HaveRequest
+from protocol.cid import cid_of
+from protocol.messages import decode_bitfield
 from tests.integration.test_swarm import LOOPBACK, model_folder, node_at
 
 
@@ -53,7 +60,7 @@ async def test_only_our_republisher_reprovides(tmp_path: Path, monkeypatch: pyte
         async with open_node(config) as seed:
             keys = 1 + sum(next(iter(seed.store.models.values())).have)
             with trio.fail_after(10):
-                while len(seed.announced) < keys:
+                while seed.announced_count < keys:
                     await trio.sleep(0.05)
             await trio.sleep(1.0)  # ten rounds of upstream's maintenance loop
             assert len(provides) == keys and set(provides.values()) == {1}
@@ -61,3 +68,25 @@ async def test_only_our_republisher_reprovides(tmp_path: Path, monkeypatch: pyte
                 while min(provides.values()) < 2:  # ours, after republish_seconds
                     await trio.sleep(0.05)
             assert set(provides.values()) == {2}
+
+
+async def test_a_seed_listens_before_indexing_and_requests_wait_for_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed of many large models answers at once; a request for a model it
+    has not read yet waits for the index instead of hearing NOT_FOUND."""
+    _, folder = model_folder(tmp_path / "seed")
+    model_cid = cid_of((folder / "manifest.json").read_bytes())
+    slow_read = Store.read_folder
+
+    def read_folder_slowly(self: Store, *args: object) -> object:
+        time.sleep(1.5)  # a data dir of twenty 40,000-fragment models
+        return slow_read(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "read_folder", read_folder_slowly)
+    config = NodeConfig(tmp_path / "seed", listen=LOOPBACK)
+    async with open_node(config, wait_for_index=False) as seed, node_at(tmp_path / "asker") as asker:
+        assert not seed.indexed.is_set() and not seed.store.models  # listening, nothing read yet
+        await asker.host.connect(PeerInfo(seed.peer_id, seed.host.get_addrs()))
+        have = await request_have(asker.host, seed.peer_id, HaveRequest(model_cid))
+        assert seed.indexed.is_set() and all(decode_bitfield(have.bitfield, have.count))
