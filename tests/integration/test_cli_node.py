@@ -20,13 +20,14 @@ from tests.integration.test_cli_errors import assert_one_line_error, gguf_swarm
 from tests.processes import terminate
 
 CLI = [sys.executable, "-m", "node.cli"]
-LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0"]
+ON_LAN = ["--listen", "/ip4/127.0.0.1/tcp/0"]  # mDNS on, as by default
+LISTEN = [*ON_LAN, "--no-mdns"]  # no other test's nodes found by mDNS
 
 
 @contextmanager
-def seed_process(data_dir: Path) -> Iterator[str]:
+def seed_process(data_dir: Path, listen: list[str] = LISTEN) -> Iterator[str]:
     proc = subprocess.Popen(
-        [*CLI, "seed", "--data-dir", str(data_dir), *LISTEN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*CLI, "seed", "--data-dir", str(data_dir), *listen], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
@@ -205,7 +206,7 @@ def test_publish_bad_input_is_one_line(tmp_path: Path) -> None:
 def test_pull_without_bootstrap_finds_a_seed_on_the_lan(folder_for_lan: tuple[Path, str], tmp_path: Path) -> None:
     """mDNS (on by default): the puller is given no address at all."""
     data, cid = folder_for_lan
-    with seed_process(data):
+    with seed_process(data, ON_LAN):
         lonely = subprocess.run(
             [*CLI, "pull", cid, "--data-dir", str(tmp_path / "off"), *LISTEN, "--no-mdns", "--timeout", "3"],
             capture_output=True,
@@ -214,7 +215,7 @@ def test_pull_without_bootstrap_finds_a_seed_on_the_lan(folder_for_lan: tuple[Pa
         )
         assert lonely.returncode == 1 and f"no peer has model {cid}" in lonely.stderr
         found = subprocess.run(
-            [*CLI, "pull", cid, "--data-dir", str(tmp_path / "on"), *LISTEN, "--json", "--timeout", "20"],
+            [*CLI, "pull", cid, "--data-dir", str(tmp_path / "on"), *ON_LAN, "--json", "--timeout", "20"],
             capture_output=True,
             text=True,
             timeout=120,

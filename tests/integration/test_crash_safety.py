@@ -33,7 +33,7 @@ from tests.gguf_factory import write_model
 from tests.processes import terminate
 
 CLI = [sys.executable, "-m", "node.cli"]
-LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0"]
+LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]  # no other test's nodes found by mDNS
 BLOCK = 1 << 20
 
 

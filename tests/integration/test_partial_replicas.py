@@ -238,7 +238,19 @@ async def test_where_maps_five_nodes_holding_different_layer_ranges(tmp_path: Pa
 
         # The CLI reports the same map, and exits 3 while some layer has fewer than --min-copies.
         result = await trio.run_process(
-            [*CLI, "where", model_cid, "--json", "--min-copies", "2", "--bootstrap", entry[0], "--listen", LOOPBACK[0]],
+            [
+                *CLI,
+                "where",
+                model_cid,
+                "--json",
+                "--min-copies",
+                "2",
+                "--bootstrap",
+                entry[0],
+                "--listen",
+                LOOPBACK[0],
+                "--no-mdns",
+            ],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
