@@ -1,12 +1,16 @@
 """GGUF file -> fragment folder, in one sequential read with bounded memory.
 
-Every byte is read once into a reused buffer; the whole-file SHA-256, each
-fragment's SHA-256 and each fragment's block digests (`protocol/blocks.py`)
-are updated from that buffer. hashlib releases the GIL, so the whole-file hash
-and the block digests each run on a worker thread while the main thread hashes
-and writes the fragment. Fragments are written under a temporary name, named by
-their hash when complete, and the folder is renamed into place only when
-everything, manifest included, is written.
+Every byte is read once, in views of 4 MiB, into two reused buffers; the
+whole-file SHA-256, each fragment's SHA-256 and each fragment's block digests
+(`protocol/blocks.py`) are computed from those views. hashlib releases the
+GIL, so the whole-file hash runs on a worker thread (one task per view), as do
+the block digests of fragments of more than one block, while the main thread
+hashes and writes each fragment. A fragment of one block (up to 1 MiB) has the
+hash of its SHA-256 as block root, so it costs no extra pass. Small fragments
+are slices of a view, written straight to their final name inside the
+staging folder, large ones under a temporary name then renamed to theirs; the
+staging folder is renamed into place only when everything, manifest
+included, is written, so no killed run leaves a complete-looking folder.
 """
 
 from __future__ import annotations
@@ -21,13 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from protocol.blocks import BlockHasher
-from protocol.cid import cid_of
+from protocol.blocks import BLOCK_SIZE, BlockHasher
+from protocol.cid import cid_from_digest
 
 from .errors import FragmenterError, GGUFFormatError
 from .fsio import open_staging_folder
 from .gguf_header import GGUFHeader, parse_header
-from .manifest import HEADER_NAME, MANIFEST_NAME, MAX_ALIGNMENT, build_manifest, fragment_entry, serialize
+from .manifest import (
+    HEADER_NAME,
+    MANIFEST_NAME,
+    MAX_ALIGNMENT,
+    FragmentEntries,
+    build_manifest,
+    serialize_chunks,
+)
 from .split import ModelLayout, check_kept_headers, find_parts, model_layout, order_parts, read_part
 from .tokenizer import TokenizerBuild, UnsupportedVocabulary
 
@@ -51,14 +62,18 @@ class FragmentResult:
 
 
 class _Reader:
-    """Sequential reads into two reused buffers. Two single-thread workers hash
-    each view as it is read: one the whole file, one the blocks of the current
-    file (when asked). A worker per hash keeps each hash's updates in file
-    order while the two run in parallel with the main thread.
+    """Sequential reads of 4 MiB views into two reused buffers, handed out in
+    slices of any size (`chunks`, `take`). A single-thread worker hashes each
+    view as it is read (the whole file), another, when asked, the blocks of
+    the current fragment; a worker per hash keeps each hash's updates in file
+    order while the two run in parallel with the main thread. A buffer is read
+    into again only once the tasks reading its last view are done, and the
+    slices the main thread got from it are used before it takes the view
+    after next: `take`'s slices live until then.
 
     For a split model, `parts` lists every part (path, size), `f` being the
     first: the others are opened in turn, read as if appended to it, and each
-    is hashed on its own as well (`part_shas`)."""
+    is hashed on its own as well (`part_shas`). A view never spans two parts."""
 
     def __init__(
         self, f: BinaryIO, progress: Progress | None, total: int, parts: Sequence[tuple[Path, int]] = ()
@@ -72,13 +87,16 @@ class _Reader:
         self.file_worker = ThreadPoolExecutor(1)
         self.block_worker = ThreadPoolExecutor(1)
         self.file_hash = hashlib.sha256()
-        self.pos = 0
+        self.pos = 0  # bytes handed out
+        self.read_pos = 0  # bytes read
         self.total = total
         self.progress = progress
         # Two buffers: the workers hash one while the next is read into the other.
         self.buffers = [bytearray(_READ_SIZE), bytearray(_READ_SIZE)]
-        self.busy: list[list[Future[None]]] = [[], []]  # tasks still reading each buffer
-        self.turn = 0
+        self.busy: list[list[Future[Any]]] = [[], []]  # tasks still reading each buffer
+        self.turn = 1
+        self.view = memoryview(b"")  # the last view read, from `self.buffers[self.turn]`
+        self.at = 0  # bytes of `view` handed out
 
     def __enter__(self) -> _Reader:
         return self
@@ -107,32 +125,60 @@ class _Reader:
         self.part_hash = hashlib.sha256()
         self.part_end += size
 
+    def _read(self) -> None:
+        """Read the next view (the current one is all handed out)."""
+        if self.read_pos == self.part_end:
+            self._next_part()
+        self.turn ^= 1
+        for task in self.busy[self.turn]:
+            task.result()  # this buffer is free again
+        n = min(_READ_SIZE, self.part_end - self.read_pos)
+        view = memoryview(self.buffers[self.turn])[:n]
+        try:
+            got = self.f.readinto(view)
+        except OSError as e:  # told apart from the writes' errors (a full disk), which name the output
+            raise FragmenterError(f"cannot read the model at byte {self.read_pos}: {e.strerror or e}") from None
+        if got != n:
+            where = f"{Path(self.f.name).name} " if self.parts else "file "
+            raise GGUFFormatError(f"{where}ended early at byte {self.read_pos + (got or 0)}: truncated?")
+        self.busy[self.turn] = [self.file_worker.submit(self._hash, view, self.part_hash)]
+        self.read_pos += n
+        self.view = view
+        self.at = 0
+
+    def _slice(self, size: int) -> memoryview:
+        """Up to `size` bytes of the current view (reading the next one if it is all handed out)."""
+        if self.at == len(self.view):
+            self._read()
+        n = min(size, len(self.view) - self.at)
+        piece = self.view[self.at : self.at + n]
+        self.at += n
+        self.pos += n
+        return piece
+
     def chunks(self, size: int, blocks: BlockHasher | None = None) -> Iterator[memoryview]:
         """Yield memoryviews covering the next `size` bytes of the file; the
         block worker feeds them to `blocks` (read it through `block_root`)."""
         while size > 0:
-            if self.pos == self.part_end:
-                self._next_part()
-            turn, self.turn = self.turn, self.turn ^ 1
-            for task in self.busy[turn]:
-                task.result()  # this buffer is free again
-            n = min(size, _READ_SIZE, self.part_end - self.pos)
-            view = memoryview(self.buffers[turn])[:n]
-            try:
-                got = self.f.readinto(view)
-            except OSError as e:  # told apart from the writes' errors (a full disk), which name the output
-                raise FragmenterError(f"cannot read the model at byte {self.pos}: {e.strerror or e}") from None
-            if got != n:
-                where = f"{Path(self.f.name).name} " if self.parts else "file "
-                raise GGUFFormatError(f"{where}ended early at byte {self.pos + (got or 0)}: truncated?")
-            self.busy[turn] = [self.file_worker.submit(self._hash, view, self.part_hash)]
+            piece = self._slice(size)
             if blocks is not None:
-                self.busy[turn].append(self.block_worker.submit(blocks.update, view))
-            self.pos += n
-            size -= n
-            yield view
+                self.busy[self.turn].append(self.block_worker.submit(blocks.update, piece))
+            size -= len(piece)
+            yield piece
             if self.progress:
                 self.progress(self.pos, self.total)
+
+    def take(self, size: int) -> memoryview | bytes:
+        """The next `size` bytes in one piece: a slice of the current view,
+        valid until the view after next is read, or (across views) a copy."""
+        if size == 0:
+            return b""
+        piece = self._slice(size)
+        if len(piece) < size:  # copied piece by piece: a third view would overwrite the first
+            piece = b"".join([bytes(piece), *(bytes(p) for p in self.chunks(size - len(piece)))])
+        elif self.progress:
+            self.progress(self.pos, self.total)
+        return piece
 
     def block_root(self, blocks: BlockHasher) -> Future[str]:
         """The root of `blocks` once the block worker has hashed every view
@@ -207,12 +253,11 @@ def fragment_model(
                         extra,
                         **layout.manifest_fields(reader.part_shas()),
                     )
-                    manifest_bytes = serialize(manifest)
-                    (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+                    model_cid = _write_manifest(staging / MANIFEST_NAME, manifest)
             except OSError as e:  # writing (reads fail as FragmenterError): the staging folder is gone already
                 raise FragmenterError(f"cannot write {output}: {e.strerror or e}") from None
     return FragmentResult(
-        model_cid=cid_of(manifest_bytes),
+        model_cid=model_cid,
         folder=Path(output).resolve(),
         fragments=len(entries),
         file_size=layout.file_size,
@@ -224,12 +269,35 @@ def fragment_model(
     )
 
 
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> str:
+    """Write `manifest` to `path` as it is serialized, piece by piece; return its CID."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for piece in serialize_chunks(manifest):
+            digest.update(piece)
+            out.write(piece)
+    return cid_from_digest(digest.digest())
+
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
+def _write_file(name: str, data: memoryview | bytes, folder: int) -> None:
+    """Write `data` to the file `name` in the folder open as `folder` (unbuffered: one write)."""
+    fd = os.open(name, _NEW_FILE, 0o666, dir_fd=folder)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def _write_fragments(
     reader: _Reader, header: GGUFHeader, layout: ModelLayout, staging: Path
-) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]], str, str]:
+) -> tuple[FragmentEntries, list[tuple[int, bytes]], str, str]:
     """Write the header and every fragment; return (fragment entries, non-zero
     gap bytes, header sha256, header block root)."""
-    model = Path(layout.file_name).stem
     plan = layout.plan
     header_hash = hashlib.sha256()
     header_blocks = BlockHasher()
@@ -242,29 +310,39 @@ def _write_fragments(
     # Walk shards and gaps together in file order.
     events = [(s.file_offset, 1, s) for s in plan.shards] + [(g.file_offset, 0, g) for g in plan.gaps]
     events.sort(key=lambda e: (e[0], e[1]))
-    entries: list[dict[str, Any]] = []
+    entries = FragmentEntries(Path(layout.file_name).stem)
     extra: list[tuple[int, bytes]] = []
-    used_ids: set[str] = set()
-    roots: list[Future[str]] = []  # block root of each entry, in order
+    roots: list[tuple[int, Future[str]]] = []  # (entry, block root) of the fragments of several blocks
+    bases = layout.data_bases
+    sha256 = hashlib.sha256
     tmp = staging / ".fragment.partial"
-    for _, is_shard, item in events:
-        if not is_shard:
-            data = b"".join(bytes(v) for v in reader.chunks(item.size))
-            if data.count(0) != len(data):
-                extra.append((item.file_offset, data))
-            continue
-        digest = hashlib.sha256()
-        blocks = BlockHasher()
-        with open(tmp, "wb") as out:
-            for view in reader.chunks(item.size, blocks):
-                digest.update(view)
-                out.write(view)
-        # The block root is filled in below, once the block worker is done;
-        # the placeholder keeps its place in the entry's (serialized) key order.
-        entry = fragment_entry(model, item, digest.hexdigest(), "", used_ids, layout.data_bases[item.tensor.name])
-        roots.append(reader.block_root(blocks))
-        os.replace(tmp, staging / (entry["fragment_id"] + ".dat"))
-        entries.append(entry)
-    for entry, root in zip(entries, roots, strict=True):
-        entry["block_root"] = root.result()
+    folder = os.open(staging, os.O_RDONLY)
+    try:
+        for _, is_shard, item in events:
+            if not is_shard:
+                data = b"".join(bytes(v) for v in reader.chunks(item.size))
+                if data.count(0) != len(data):
+                    extra.append((item.file_offset, data))
+                continue
+            if item.size <= BLOCK_SIZE:
+                # One block: its digest is the fragment's SHA-256, its root the hash of that.
+                data = reader.take(item.size)
+                digest = sha256(data).digest()
+                fid = entries.add(item, digest.hex(), sha256(digest).hexdigest(), bases[item.tensor.name])
+                _write_file(fid + ".dat", data, folder)
+                continue
+            hasher = sha256()
+            blocks = BlockHasher()
+            with open(tmp, "wb") as out:
+                for view in reader.chunks(item.size, blocks):
+                    hasher.update(view)
+                    out.write(view)
+            # The block root is filled in below, once the block worker is done.
+            fid = entries.add(item, hasher.hexdigest(), "", bases[item.tensor.name])
+            roots.append((len(entries) - 1, reader.block_root(blocks)))
+            os.replace(tmp, staging / (fid + ".dat"))
+    finally:
+        os.close(folder)
+    for index, root in roots:
+        entries.set_block_root(index, root.result())
     return entries, extra, header_hash.hexdigest(), header_root.result()

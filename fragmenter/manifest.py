@@ -18,20 +18,20 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _encode_str  # what json.dumps uses without ensure_ascii
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from protocol.blocks import BLOCK_SIZE
-from protocol.cid import cid_from_hex
 
 from .errors import ManifestError
 from .gguf_header import GGUFArray, GGUFHeader, TensorInfo
 from .gguf_spec import ValueType
-from .naming import fragment_id, tensor_role
+from .naming import TensorRole, fragment_id, tensor_role
 
 FORMAT = "gguf-swarm/2"
 OUR_FORMATS = ("gguf-swarm/1", FORMAT)  # v2 only adds optional block fields, so v1 stays ours
@@ -184,7 +184,77 @@ def dtype_name(tensor_type: str) -> str:
 
 def serialize(manifest: dict[str, Any]) -> bytes:
     """Deterministic bytes: the model CID is the hash of exactly these."""
-    return (json.dumps(manifest, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    return b"".join(serialize_chunks(manifest))
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=1, ensure_ascii=False, allow_nan=False)
+
+
+_STREAM_BATCH = 1024  # fragment entries per yielded chunk
+
+
+def serialize_chunks(manifest: dict[str, Any]) -> Iterator[bytes]:
+    """`serialize`'s bytes in pieces, byte for byte what
+    `json.dumps(manifest, indent=1, ensure_ascii=False, allow_nan=False) + "\\n"`
+    gives, without ever holding the whole text: a 40,000-fragment manifest is
+    30 MB, and json's pure-Python indenting encoder holds a list of a few
+    million small strings on the way. Each top-level field is dumped on its
+    own (json indents it the same inside the whole); the fragment list, the
+    bulk, is encoded entry by entry (`_entry_json`) and may be any iterable
+    of entry dicts, such as a `FragmentEntries`."""
+    if not isinstance(manifest, dict) or not manifest or any(type(k) is not str for k in manifest):
+        yield (_dumps(manifest) + "\n").encode("utf-8")
+        return
+    sep = "{\n"
+    for key, value in manifest.items():
+        if key != "fragments" or not isinstance(value, (list, FragmentEntries)):
+            yield (sep + _dumps({key: value})[2:-2]).encode("utf-8")
+        elif not len(value):
+            yield (sep + ' "fragments": []').encode("utf-8")
+        else:
+            batch = [sep + ' "fragments": [\n']
+            first = True
+            for text in value.encoded() if isinstance(value, FragmentEntries) else map(_entry_json, value):
+                if not first:
+                    batch.append(",\n")
+                first = False
+                batch.append(text)
+                if len(batch) >= 2 * _STREAM_BATCH:
+                    yield "".join(batch).encode("utf-8")
+                    batch = []
+            batch.append("\n ]")
+            yield "".join(batch).encode("utf-8")
+        sep = ",\n"
+    yield b"\n}\n"
+
+
+def _entry_json(entry: Any) -> str:
+    """One fragment entry as json.dumps(indent=1) writes it at depth 2 (an
+    item of the top-level "fragments" list); plain values are encoded here,
+    anything else by json itself."""
+    if type(entry) is not dict or not entry or any(type(key) is not str for key in entry):
+        return "  " + _dumps(entry).replace("\n", "\n  ")
+    return "  {\n   " + ",\n   ".join(_encode_str(k) + ": " + _json_value(v) for k, v in entry.items()) + "\n  }"
+
+
+def _json_value(value: Any, indent: str = "\n   ") -> str:
+    """`value` as json.dumps(indent=1) writes it as a member of an object
+    whose members start on `indent` (a newline and their indentation)."""
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is list and value and all(type(v) is int for v in value):
+        return "[" + indent + " " + ("," + indent + " ").join(map(int.__repr__, value)) + indent + "]"
+    return _dumps(value).replace("\n", indent)
 
 
 def encode_extra(extra: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
@@ -484,8 +554,14 @@ def fragment_entry(
     """The manifest entry of one written shard (a `plan.Shard`) whose bytes
     hash to `sha` and have block root `block_root`; `used` holds the fragment
     ids taken so far and gains this one."""
+    role = tensor_role(shard.tensor.name)
+    fid, component = _fragment_name(model, shard, role, sha, used)
+    return _entry_dict(model, shard, role, fid, component, sha, block_root, data_start)
+
+
+def _fragment_name(model: str, shard: Any, role: TensorRole, sha: str, used: set[str]) -> tuple[str, str]:
+    """(fragment id, component) of a shard; `used` gains the id."""
     t = shard.tensor
-    role = tensor_role(t.name)
     component = role.component
     fid = fragment_id(model, role.layer_index, component, shard.shard_index, sha[:16])
     if fid in used:
@@ -498,6 +574,13 @@ def fragment_entry(
             n += 1
             fid = fragment_id(model, role.layer_index, f"{component}.{n}", shard.shard_index, sha[:16])
     used.add(fid)
+    return fid, component
+
+
+def _entry_dict(
+    model: str, shard: Any, role: TensorRole, fid: str, component: str, sha: str, block_root: str, data_start: int
+) -> dict[str, Any]:
+    t = shard.tensor
     type_name = t.ggml_type.name
     return {
         "fragment_id": fid,
@@ -519,8 +602,107 @@ def fragment_entry(
         "file_offset": shard.file_offset,
         "sha256": sha,
         "block_root": block_root,
-        "cid": cid_from_hex(sha),
+        "cid": _cid_from_hex(sha),
     }
+
+
+class FragmentEntries:
+    """The fragment entries of a manifest being built, held compactly: a
+    40,000-fragment model's entry dicts take ~100 MB, their rows a tenth of
+    that. Iterating yields the dicts `fragment_entry` would have built, one at
+    a time (`serialize_chunks` streams them into the manifest)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._rows: list[tuple[Any, str, str, str, str, int]] = []  # shard, id, component, sha, root, data start
+        self._used: set[str] = set()
+        self._roles: dict[str, TensorRole] = {}
+        self.total_shards: dict[str, int] = {}  # tensor name -> shards
+
+    def add(self, shard: Any, sha: str, block_root: str, data_start: int) -> str:
+        """Add the entry of a written shard (see `fragment_entry`); return its fragment id."""
+        name = shard.tensor.name
+        role = self._roles.get(name)
+        if role is None:
+            role = self._roles[name] = tensor_role(name)
+        fid, component = _fragment_name(self.model, shard, role, sha, self._used)
+        self._rows.append((shard, fid, component, sha, block_root, data_start))
+        self.total_shards[name] = shard.total_shards
+        return fid
+
+    def set_block_root(self, index: int, block_root: str) -> None:
+        shard, fid, component, sha, _, data_start = self._rows[index]
+        self._rows[index] = (shard, fid, component, sha, block_root, data_start)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        roles = self._roles
+        for shard, fid, component, sha, root, data_start in self._rows:
+            yield _entry_dict(self.model, shard, roles[shard.tensor.name], fid, component, sha, root, data_start)
+
+    def encoded(self) -> Iterator[str]:
+        """Each entry as `_entry_json` encodes the dict `__iter__` gives, with
+        what is the same for every shard of a tensor encoded once."""
+        value = _json_value
+        fixed: dict[int, tuple[str, str, str, str, int]] = {}  # id(tensor) -> its parts
+        for shard, fid, component, sha, root, data_start in self._rows:
+            t = shard.tensor
+            parts = fixed.get(id(t))  # the rows hold every tensor: ids are not reused meanwhile
+            if parts is None:
+                role = self._roles[t.name]
+                type_name = t.ggml_type.name
+                parts = fixed[id(t)] = (
+                    f',\n   "model_name": {value(self.model)},\n   "fragment_type": {value(role.fragment_type)}'
+                    f',\n   "layer_index": {value(role.layer_index)},\n   "component": ',
+                    f',\n   "shape": {value(list(t.dims))},\n   "dtype": {value(dtype_name(type_name))}'
+                    ',\n   "size_bytes": ',
+                    f',\n   "tensor_name": {value(t.name)},\n   "tensor_type": {value(type_name)},\n   "checksum": ',
+                    f',\n   "is_always_active": {value(role.is_always_active)},\n   "data_offset": ',
+                    t.offset,
+                )
+            tensor_head, shape_dtype, names, active, offset = parts
+            yield (
+                '  {\n   "fragment_id": '
+                + value(fid)
+                + tensor_head
+                + value(component)
+                + ',\n   "expert_index": null,\n   "shard_index": '
+                + value(shard.shard_index)
+                + ',\n   "total_shards": '
+                + value(shard.total_shards)
+                + shape_dtype
+                + value(shard.size)
+                + names
+                + value(sha[:16])
+                + active
+                + value(data_start + offset)
+                + ',\n   "file_offset": '
+                + value(shard.file_offset)
+                + ',\n   "sha256": '
+                + value(sha)
+                + ',\n   "block_root": '
+                + value(root)
+                + ',\n   "cid": '
+                + value(_cid_from_hex(sha))
+                + "\n  }"
+            )
+
+
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]  # every 10 bits
+_CID_PREFIX = bytes([0x01, 0x55, 0x12, 0x20])  # as protocol.cid: CIDv1, raw, sha2-256, 32 bytes
+
+
+def _cid_from_hex(sha256_hex: str) -> str:
+    """`protocol.cid.cid_from_hex`, without base64's per-5-byte loop (a
+    noticeable share of fragmenting into tens of thousands of fragments):
+    36 bytes, zero-padded to 40, are 32 pairs of base32 digits, the last 6
+    digits being padding."""
+    n = int.from_bytes(_CID_PREFIX + bytes.fromhex(sha256_hex) + bytes(4), "big")
+    pairs = _B32_PAIRS
+    return "b" + "".join([pairs[(n >> s) & 1023] for s in range(310, -1, -10)])[:58]
 
 
 def build_manifest(
@@ -531,7 +713,7 @@ def build_manifest(
     header_sha: str,
     header_block_root: str,
     chunk_size: int,
-    entries: list[dict[str, Any]],
+    entries: list[dict[str, Any]] | FragmentEntries,
     extra: list[tuple[int, bytes]],
     tensors: Sequence[tuple[TensorInfo, int]] | None = None,
     parts: list[dict[str, Any]] | None = None,
@@ -541,7 +723,10 @@ def build_manifest(
     are given for a split model: `header` is then part 1's, and offsets are in
     the concatenation of the parts."""
     metadata = json_metadata(header)
-    shards_of: dict[str, int] = {e["tensor_name"]: e["total_shards"] for e in entries}
+    if isinstance(entries, FragmentEntries):
+        shards_of = entries.total_shards
+    else:
+        shards_of = {e["tensor_name"]: e["total_shards"] for e in entries}
     if tensors is None:
         tensors = [(t, header.data_start + t.offset) for t in header.tensors]
     tensor_specifics = {
