@@ -29,6 +29,7 @@ import numpy as np
 from protocol.blocks import BLOCK_SIZE
 
 from .errors import ManifestError
+from .fragment_table import FragmentTable
 from .gguf_header import GGUFArray, GGUFHeader, TensorInfo
 from .gguf_spec import ValueType
 from .naming import TensorRole, fragment_id, tensor_role
@@ -95,7 +96,7 @@ class PartEntry:
 class Manifest:
     raw: dict[str, Any]  # the top-level fields, all but "fragments"
     model_name: str
-    fragments: list[FragmentEntry]  # in file order
+    fragments: Sequence[FragmentEntry]  # in file order (a FragmentTable once parsed)
     header_size: int
     file_size: int | None  # None when unknown (existing tool)
     file_sha256: str | None
@@ -116,6 +117,8 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
+        if isinstance(self.fragments, FragmentTable):
+            return self.fragments.total_size
         return sum(f.size for f in self.fragments)
 
 
@@ -340,7 +343,7 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
         # of a 40,000-fragment manifest take 64 MB).
         raw={key: value for key, value in raw.items() if key != "fragments"},
         model_name=model,
-        fragments=fragments,
+        fragments=FragmentTable(fragments),
         header_size=header_size,
         file_size=raw.get("file_size") if ours else None,
         file_sha256=raw.get("file_sha256") if ours else None,

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from fragmenter import FragmenterError, Manifest, parse_manifest
+from fragmenter.fragment_table import FragmentTable
 from fragmenter.fsio import fsync_dir, sync_filesystem
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
@@ -192,20 +193,23 @@ class Store:
     def _read_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
         raw = (folder / MANIFEST_NAME).read_bytes()
         manifest = parse_manifest(load_manifest_json(raw, str(folder / MANIFEST_NAME)), str(folder / MANIFEST_NAME))
-        shas: list[str] = []  # hex; "" unknown
+        table = manifest.fragments
+        assert isinstance(table, FragmentTable)
+        # Whole columns, no entry per fragment: this runs for every fragment of every model at start.
+        known, has_sha = table.sha256_digests()
+        digests = bytearray(known)
         have: list[bool] = []
         folder_str = str(folder)  # plain strings: pathlib cost more than the stat, at 40,000 files
-        for entry in manifest.fragments:
-            path = os.path.join(folder_str, entry.file_name)
-            present = _size_of(path) == entry.size
-            sha = entry.sha256
-            if sha is None and present:
+        for k, (name, size) in enumerate(zip(table.file_names(), table.sizes(), strict=True)):
+            path = os.path.join(folder_str, name)
+            present = _size_of(path) == size
+            if not has_sha[k] and present:  # the existing tool's: only a checksum prefix to check against
                 sha = _cached_sha256(Path(path), cache)
-                if sha[:16] != entry.checksum:
-                    present, sha = False, None
-            shas.append(sha or "")
-            have.append(present and sha is not None)
-        digests = b"".join(bytes.fromhex(sha) if sha else _UNKNOWN for sha in shas)
+                if sha[:16] == table[k].checksum:
+                    digests[32 * k : 32 * k + 32] = bytes.fromhex(sha)
+                else:
+                    present = False
+            have.append(present and digests[32 * k : 32 * k + 32] != _UNKNOWN)
         header_sha = manifest.raw.get("header_sha256")
         header_present = _size_of(folder / HEADER_NAME) == manifest.header_size
         if header_sha is None and header_present:
@@ -214,7 +218,7 @@ class Store:
             cid=cid_of(raw),
             folder=folder,
             manifest=manifest,
-            digests=digests,
+            digests=bytes(digests),
             header_cid=cid_from_hex(header_sha) if header_sha else None,
             have=have,
             header_present=header_present,
@@ -325,11 +329,17 @@ class Store:
         path = self._verified_path(model.folder)
         if path is None:
             return
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return  # never served, or not since the last start: nothing to trust yet
+        except OSError as e:
+            log.warning("ignoring verified-state file %s (its files will be hashed again): %s", path, e)
+            return
         expected = _expected_files(model.manifest)
         min_block = min(BLOCK_SIZE, model.manifest.block_size or BLOCK_SIZE)
         sizes = {name: size for name, (size, _) in expected.items()}
         try:
-            st = path.stat()
             if not stat.S_ISREG(st.st_mode):
                 raise BadState("not a regular file")
             if st.st_size > verified_state.max_bytes(model.cid, sizes, min_block):
@@ -510,6 +520,11 @@ def _trusted(path: str, r: FileRecord, expected: tuple[int, str | None] | None, 
 
 def _expected_files(manifest: Manifest) -> dict[str, tuple[int, str | None]]:
     """name -> (size, block root or None) of every file of a model folder."""
-    files: dict[str, tuple[int, str | None]] = {e.file_name: (e.size, e.block_root) for e in manifest.fragments}
+    table = manifest.fragments
+    files: dict[str, tuple[int, str | None]]
+    if isinstance(table, FragmentTable):
+        files = dict(zip(table.file_names(), zip(table.sizes(), table.block_roots(), strict=True), strict=True))
+    else:
+        files = {e.file_name: (e.size, e.block_root) for e in table}
     files[HEADER_NAME] = (manifest.header_size, manifest.header_block_root)
     return files
