@@ -401,12 +401,13 @@ class Store:
         return None
 
     def _forget(self, blob: Blob) -> None:
-        for model in self.models.values():
-            if model.folder / HEADER_NAME == blob.path:
-                model.header_present = False
-            for i, entry in enumerate(model.manifest.fragments):
-                if model.folder / entry.file_name == blob.path:
-                    model.have[i] = False
+        model = self.models.get(blob.model_cid)
+        if model is None:
+            return
+        if blob.index == -1:
+            model.header_present = False
+        else:
+            model.have[blob.index] = False
 
     # ---- writing pulled models ------------------------------------------
 
