@@ -10,7 +10,8 @@ when read, so code that indexes or iterates the list sees the same
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, overload
 
 import numpy as np
@@ -37,6 +38,47 @@ class FragmentTable(Sequence["FragmentEntry"]):
         self._has_sha = np.fromiter((e.sha256 is not None for e in entries), dtype=bool, count=n)
         self._root = b"".join(bytes.fromhex(e.block_root) if e.block_root is not None else _NONE for e in entries)
         self._has_root = np.fromiter((e.block_root is not None for e in entries), dtype=bool, count=n)
+
+    # ---- as arrays (the node's index cache, node/manifest_index.py) ----------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "ids": np.frombuffer("\n".join(self._ids).encode("utf-8"), dtype=np.uint8),
+            "tensors": np.frombuffer(json.dumps([list(t) for t in self._tensors]).encode("utf-8"), dtype=np.uint8),
+            "tensor": self._tensor,
+            "numbers": self._numbers,
+            "checksums": np.frombuffer(self._checksums, dtype=np.uint8),
+            "sha": np.frombuffer(self._sha, dtype=np.uint8),
+            "has_sha": self._has_sha,
+            "root": np.frombuffer(self._root, dtype=np.uint8),
+            "has_root": self._has_root,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> FragmentTable:
+        """The table `to_arrays` saved; ValueError when the arrays do not fit together."""
+        table = cls.__new__(cls)
+        ids = arrays["ids"].tobytes().decode("utf-8")
+        table._ids = ids.split("\n") if ids else []
+        n = len(table._ids)
+        table._tensors = [
+            (str(a), str(b), tuple(int(d) for d in c), int(e)) for a, b, c, e in json.loads(arrays["tensors"].tobytes())
+        ]
+        table._tensor = arrays["tensor"].astype(np.int32)
+        table._numbers = arrays["numbers"].astype(np.int64).reshape(n, 4)
+        table._checksums = arrays["checksums"].tobytes()
+        table._sha = arrays["sha"].tobytes()
+        table._has_sha = arrays["has_sha"].astype(bool)
+        table._root = arrays["root"].tobytes()
+        table._has_root = arrays["has_root"].astype(bool)
+        sizes_ok = (
+            len(table._tensor) == len(table._has_sha) == len(table._has_root) == n
+            and len(table._checksums) == 8 * n
+            and len(table._sha) == len(table._root) == 32 * n
+        )
+        if not sizes_ok or (n and not 0 <= int(table._tensor.min()) <= int(table._tensor.max()) < len(table._tensors)):
+            raise ValueError("fragment table arrays do not fit together")
+        return table
 
     def __len__(self) -> int:
         return len(self._ids)

@@ -43,7 +43,7 @@ from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.cid import InvalidCID, cid_from_digest, cid_from_hex, cid_of, cids_from_hex, digest_of_cid
 
-from . import verified_state
+from . import manifest_index, verified_state
 from .verified_state import BadState, FileRecord
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ _HASH_CACHE = "hash-cache.json"
 PARTIAL_PREFIX = ".partial-"
 RESUME_PREFIX = ".resume-"
 _VERIFIED_DIR = "verified"
+_INDEX_DIR = "index"  # parsed manifests (manifest_index.py)
 _UNKNOWN = bytes(32)
 
 
@@ -192,7 +193,14 @@ class Store:
 
     def _read_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
         raw = (folder / MANIFEST_NAME).read_bytes()
-        manifest = parse_manifest(load_manifest_json(raw, str(folder / MANIFEST_NAME)), str(folder / MANIFEST_NAME))
+        model_cid = cid_of(raw)
+        index_path = self._index_path(folder)
+        manifest = None if index_path is None else manifest_index.load(index_path, model_cid)
+        if manifest is None:
+            where = str(folder / MANIFEST_NAME)
+            manifest = parse_manifest(load_manifest_json(raw, where), where)
+            if index_path is not None:
+                manifest_index.save(index_path, model_cid, manifest)
         table = manifest.fragments
         assert isinstance(table, FragmentTable)
         # Whole columns, no entry per fragment: this runs for every fragment of every model at start.
@@ -215,7 +223,7 @@ class Store:
         if header_sha is None and header_present:
             header_sha = _cached_sha256(folder / HEADER_NAME, cache)
         model = LocalModel(
-            cid=cid_of(raw),
+            cid=model_cid,
             folder=folder,
             manifest=manifest,
             digests=bytes(digests),
@@ -318,6 +326,10 @@ class Store:
             self.hashed_bytes += n
 
     # ---- the verified record on disk -------------------------------------
+
+    def _index_path(self, folder: Path) -> Path | None:
+        # Like the verified records: one per model folder of the data dir.
+        return self.state_dir / _INDEX_DIR / (folder.name + ".npz") if folder.parent == self.data_dir else None
 
     def _verified_path(self, folder: Path) -> Path | None:
         # One file per model folder of the data dir (the only folders a node serves).

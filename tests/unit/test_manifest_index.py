@@ -1,0 +1,97 @@
+"""The index of parsed manifests: a restart reads it instead of parsing every
+manifest again, but only for the exact manifest bytes it was made from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import fragmenter as fr
+from fragmenter.manifest import Manifest
+from node import store as store_module
+from node.store import Store
+from tests.gguf_factory import write_model
+
+
+def fragmented(tmp_path: Path, split: bool = False) -> Path:
+    tensors = [(f"blk.{i}.ffn_up.weight", T.F32, (64, 1024)) for i in range(5)]
+    model = write_model(tmp_path / "m.gguf", tensors, vocab=False, **({"split_max_tensors": 2} if split else {}))
+    parts = sorted(tmp_path.glob("m*.gguf"))
+    data = tmp_path / "data"
+    fr.fragment_model(parts[0] if split else model, data / "m", chunk_size=32 * 1024)
+    return data
+
+
+def same(a: Manifest, b: Manifest) -> bool:
+    fields = ("model_name", "header_size", "file_size", "file_sha256", "alignment", "extra_bytes", "block_size")
+    return (
+        a.fragments == b.fragments
+        and a.raw == b.raw
+        and a.parts == b.parts
+        and a.header_block_root == b.header_block_root
+        and all(getattr(a, f) == getattr(b, f) for f in fields)
+    )
+
+
+def no_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError("parsed the manifest again")
+
+    monkeypatch.setattr(store_module, "parse_manifest", refuse)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_restart_reads_the_index_and_gets_the_same_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    data = fragmented(tmp_path, split)
+    first = Store(data)
+    first.scan()
+    ((cid, parsed),) = first.models.items()
+    assert (split and parsed.manifest.parts is not None) or (not split and parsed.manifest.parts is None)
+    no_parsing(monkeypatch)
+    again = Store(data)
+    again.scan()
+    indexed = again.models[cid]
+    assert same(indexed.manifest, parsed.manifest) and indexed.have == parsed.have and indexed.complete
+    assert indexed.digests == parsed.digests
+
+
+def test_an_edited_manifest_is_parsed_again(tmp_path: Path) -> None:
+    data = fragmented(tmp_path)
+    Store(data).scan()
+    manifest = data / "m" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"format"', b' "format"', 1))  # same JSON, another CID
+    calls = []
+    real = store_module.parse_manifest
+
+    def counting(*args: object) -> Manifest:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    store_module.parse_manifest = counting  # type: ignore[assignment]
+    try:
+        store = Store(data)
+        store.scan()
+    finally:
+        store_module.parse_manifest = real
+    assert calls == [1] and len(store.models) == 1
+
+
+@pytest.mark.parametrize("damage", [b"", b"not an npz", None])
+def test_a_damaged_index_is_ignored_and_rebuilt(tmp_path: Path, damage: bytes | None) -> None:
+    data = fragmented(tmp_path)
+    reference = Store(data)
+    reference.scan()
+    (index,) = (data / ".gguf-swarm" / "index").iterdir()
+    if damage is None:
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])  # torn
+    else:
+        index.write_bytes(damage)
+    store = Store(data)
+    store.scan()
+    ((cid, model),) = store.models.items()
+    assert same(model.manifest, reference.models[cid].manifest)
+    assert index.stat().st_size > 1000  # rebuilt
