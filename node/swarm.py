@@ -863,8 +863,9 @@ class ModelSwarm:
                 link.send(HaveBlocks((block,)))
         if completed_file:
             file = self.layout.file_of(block)
-            if file < len(self.model.have):
-                self.node.announce_fragment(self.model.fragment_cid(file))
+            cid = self.model.fragment_cid(file) if file < len(self.model.have) else ""
+            if cid:  # "": an existing tool's fragment, known by a checksum prefix only
+                self.node.announce_fragment(cid)
             self._file_done(file)
             self._lost_told.discard(file)  # held again: the HAVEs just sent say so
             try:
