@@ -98,36 +98,42 @@ def _size(path: Path) -> int | None:
 
 def write_assembled(folder: FragmentFolder, out: _Sink | BinaryIO, progress: Progress | None) -> tuple[int, str]:
     manifest = folder.manifest
-    file_size = folder.file_size
-    digest = hashlib.sha256()
+    writer = _HashingWriter(out, progress, folder.file_size)
     extra = sorted(manifest.extra_bytes)
-    pos = 0
-
-    def emit(data: bytes) -> None:
-        nonlocal pos
-        digest.update(data)
-        out.write(data)
-        pos += len(data)
-        if progress:
-            progress(pos, file_size)
 
     def fill_to(end: int) -> None:
-        while pos < end:
+        while (pos := writer.pos) < end:
             n = min(READ_SIZE, end - pos)
             block = bytearray(n)
             for off, data in extra:
                 lo, hi = max(off, pos), min(off + len(data), pos + n)
                 if lo < hi:
                     block[lo - pos : hi - pos] = data[lo - off : hi - off]
-            emit(bytes(block))
+            writer.write(bytes(block))
 
-    emit(folder.header_bytes)
+    writer.write(folder.header_bytes)
     for entry in manifest.fragments:
         fill_to(entry.file_offset)
         for chunk in read_fragment_chunks(folder.fragment_path(entry), entry):
-            emit(chunk)
-    fill_to(file_size)
-    return pos, digest.hexdigest()
+            writer.write(chunk)
+    fill_to(folder.file_size)
+    return writer.pos, writer.digest.hexdigest()
+
+
+class _HashingWriter:
+    """Writes to `out`, hashing what it writes and reporting progress."""
+
+    def __init__(self, out: _Sink | BinaryIO, progress: Progress | None, total: int) -> None:
+        self.out, self.progress, self.total = out, progress, total
+        self.digest = hashlib.sha256()
+        self.pos = 0
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.out.write(data)
+        self.pos += len(data)
+        if self.progress:
+            self.progress(self.pos, self.total)
 
 
 # ---- split models ------------------------------------------------------------------
@@ -239,26 +245,15 @@ def _write_merged(
     """The merged header, then each tensor's fragments (each checked) and its
     padding to the alignment, as `merged_header` laid them out."""
     alignment = folder.header.alignment
-    total = merged_size([(t, None) for t in tensors], len(header), alignment)
-    digest = hashlib.sha256()
-    pos = 0
-
-    def emit(data: bytes) -> None:
-        nonlocal pos
-        digest.update(data)
-        out.write(data)
-        pos += len(data)
-        if progress:
-            progress(pos, total)
-
-    emit(header)
+    writer = _HashingWriter(out, progress, merged_size([(t, None) for t in tensors], len(header), alignment))
+    writer.write(header)
     for t in tensors:
         written = 0
         for entry in sorted(by_tensor[t.name], key=lambda f: f.shard_index):
             for chunk in read_fragment_chunks(folder.fragment_path(entry), entry):
-                emit(chunk)
+                writer.write(chunk)
                 written += len(chunk)
         if written != t.n_bytes:
             raise FragmentError(f"fragments of {t.name} hold {written} bytes, the tensor {t.n_bytes}: not written")
-        emit(bytes(align(written, alignment) - written))
-    return pos, digest.hexdigest()
+        writer.write(bytes(align(written, alignment) - written))
+    return writer.pos, writer.digest.hexdigest()

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .assemble import assemble
+from .assemble import AssembleResult, assemble
 from .errors import FragmenterError
 from .folder import verify_folder
 from .fragment import DEFAULT_CHUNK_SIZE, fragment_model
@@ -166,14 +166,21 @@ def cmd_assemble(args: argparse.Namespace) -> int:
         args,
         f"{result.output} ({human_bytes(result.file_size)}, sha256 {result.file_sha256}, {checked})",
         event="assembled",
-        output=str(result.output),
-        file_size=result.file_size,
-        file_sha256=result.file_sha256,
-        checked=result.checked_against_manifest,
-        files=[str(f) for f in result.files],
-        merged=result.merged,
+        **assembled_fields(result),
     )
     return 0
+
+
+def assembled_fields(result: AssembleResult) -> dict[str, Any]:
+    """The JSON fields of an "assembled" event (`assemble`, and `pull --output`)."""
+    return {
+        "output": str(result.output),
+        "file_size": result.file_size,
+        "file_sha256": result.file_sha256,
+        "checked": result.checked_against_manifest,
+        "files": [str(f) for f in result.files],
+        "merged": result.merged,
+    }
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:

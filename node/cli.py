@@ -25,6 +25,7 @@ from fragmenter import FragmenterError, assemble, fragment_model
 from fragmenter.assemble import AssembleResult
 from fragmenter.cli import (
     add_fragmenter_commands,
+    assembled_fields,
     emit,
     parse_chunk_size,
     parse_size,
@@ -343,17 +344,7 @@ def _assembled_line(args: argparse.Namespace, result: AssembleResult) -> None:
         text = f"assembled {result.output} (sha256 {result.file_sha256}, matches the manifest)"
     else:
         text = f"assembled {result.output} (sha256 {result.file_sha256}; the manifest has no file_sha256)"
-    emit(
-        args,
-        text,
-        event="assembled",
-        output=str(result.output),
-        file_size=result.file_size,
-        file_sha256=result.file_sha256,
-        checked=result.checked_against_manifest,
-        files=[str(f) for f in result.files],
-        merged=result.merged,
-    )
+    emit(args, text, event="assembled", **assembled_fields(result))
 
 
 def cmd_where(args: argparse.Namespace) -> int:
