@@ -118,12 +118,17 @@ def open_staging_folder(final: Path, force: bool) -> Iterator[Path]:
         raise FragmenterError(f"{final} exists and is not a folder")
     if final.is_dir() and any(final.iterdir()) and not force:
         raise FragmenterError(f"{final} exists and is not empty (use --force to replace it)")
+    prefix = _staging_prefix(final, "partial")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(final)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final, "partial"), dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     except OSError as e:
         raise FragmenterError(f"cannot write into {final.parent}: {e.strerror}") from None
+    except BaseException:  # a SIGTERM or Ctrl-C after mkdtemp made the folder, before we knew its name
+        for leftover in final.parent.glob(glob.escape(prefix) + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        raise
     try:
         yield staging
         sync_folder(staging)

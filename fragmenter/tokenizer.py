@@ -196,10 +196,17 @@ class TokenizerBuild:
         self.header, self.folder = header, folder
         self.pid: int | None = None
         self.pipe = -1
-        if "tokenizer.ggml.tokens" in header.metadata and _can_fork():
-            self._fork()
 
     def __enter__(self) -> TokenizerBuild:
+        # Forked here, not in __init__: an interrupt between __init__ and
+        # __enter__ would skip __exit__ and leave the child writing into a
+        # staging folder being removed.
+        if "tokenizer.ggml.tokens" in self.header.metadata and _can_fork():
+            try:
+                self._fork()
+            except BaseException:  # a SIGTERM held during the fork lands here: no child left writing
+                self.close()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -208,17 +215,24 @@ class TokenizerBuild:
     def _fork(self) -> None:
         read_end, write_end = os.pipe()
         parent = os.getpid()
+        # A SIGTERM or Ctrl-C that lands inside fork()'s at-fork handlers raises
+        # there, where Python ignores the exception: the run went on to the end.
+        # Held until both processes are set up, it is delivered after.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            pid = os.fork()
-        except OSError:  # no memory for a process, say: build in this one
-            os.close(read_end)
+            try:
+                pid = os.fork()
+            except OSError:  # no memory for a process, say: build in this one
+                os.close(read_end)
+                os.close(write_end)
+                return
+            if pid == 0:
+                os.close(read_end)
+                _build_in_child(self.header, self.folder, write_end, parent, held)
             os.close(write_end)
-            return
-        if pid == 0:
-            os.close(read_end)
-            _build_in_child(self.header, self.folder, write_end, parent)
-        os.close(write_end)
-        self.pid, self.pipe = pid, read_end
+            self.pid, self.pipe = pid, read_end
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def result(self) -> list[str]:
         """The names of the files written; raises what `write_tokenizer_files` raised."""
@@ -256,7 +270,7 @@ def _can_fork() -> bool:
     return sys.platform == "linux" and threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
 
 
-def _build_in_child(header: GGUFHeader, folder: Path, pipe: int, parent: int) -> NoReturn:
+def _build_in_child(header: GGUFHeader, folder: Path, pipe: int, parent: int, signals: set[int]) -> NoReturn:
     """The forked child: build, send (ok, names or exception) down `pipe`, and
     leave with os._exit: never back into the parent's frames (whose cleanup would
     remove the staging folder) or its exit handlers."""
@@ -264,6 +278,7 @@ def _build_in_child(header: GGUFHeader, folder: Path, pipe: int, parent: int) ->
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C or kill ends it at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, signals)  # the parent's mask, from before the fork
         _die_with(parent)
         try:
             outcome: tuple[bool, Any] = (True, write_tokenizer_files(header, folder))
