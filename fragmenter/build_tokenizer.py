@@ -8,8 +8,15 @@ goodput); in its own process it runs on another core.
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
+
+if __name__ == "__main__":
+    # A background job: on a machine whose cores the transfer keeps busy, it
+    # takes what the transfer leaves (its imports too) and has them all after.
+    os.nice(10)
+
+from pathlib import Path  # noqa: E402
 
 from .errors import FragmenterError
 from .gguf_header import parse_header

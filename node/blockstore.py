@@ -5,8 +5,12 @@ final name only when every block is in and the whole file matched the
 manifest's SHA-256 (the block roots come from the same manifest, but only the
 file hash is the user's format: a publisher could make the two disagree).
 Until then the blocks live in a hidden `.resume-NAME` file beside it, with the
-file's block digests in `.resume-NAME.digests`, so a crash never leaves a
-wrong file under a final name. Verified blocks of a partial file are served at
+file's block digests in `.resume-NAME.digests`, so a kill never leaves a
+wrong file under a final name. Completed files are not fsynced one by one: the
+store syncs the filesystem before it records them (Store.flush_verified), and a
+pull hashes a held file with no record before counting it (after a power cut
+it may hold anything). The whole file's SHA-256 is taken as blocks extend the
+written prefix, so completing a file seldom reads it again. Verified blocks of a partial file are served at
 once. A pull that is killed (or runs out of disk) keeps them: the next one
 hashes each written block again against the saved digests (themselves checked
 against the manifest's root) and fetches only the blocks that do not match.
@@ -35,7 +39,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from fragmenter.fsio import fsync_dir
 from fragmenter.manifest import HEADER_NAME
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.layout import BlockLayout
@@ -82,6 +85,20 @@ class _Partial:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o644)
         os.ftruncate(self.fd, size)  # sparse: blocks not yet written are holes
         self.blocks_in = 0
+        # The whole file's SHA-256, advanced over the written prefix as blocks
+        # arrive (mostly in order): completing the file need not read it all again.
+        self.sha256 = hashlib.sha256()
+        self.hashed = 0  # bytes [0, hashed) are in `sha256`
+
+    def catch_up(self, end: int) -> None:
+        """Hash the written bytes after the hashed prefix, up to `end` (a hole reads as zeros, so
+        callers pass only what is written)."""
+        while self.hashed < end:
+            chunk = os.pread(self.fd, min(4 << 20, end - self.hashed), self.hashed)
+            if not chunk:
+                break
+            self.sha256.update(chunk)
+            self.hashed += len(chunk)
 
 
 def _written(fd: int, offset: int, length: int) -> bool:
@@ -298,32 +315,37 @@ class ModelBlocks:
         os.pwrite(partial.fd, data, span.offset)
         self._mark(block)
         partial.blocks_in += 1
+        if span.offset == partial.hashed:  # it extends the hashed prefix, and so may blocks that came before it
+            partial.sha256.update(data)
+            partial.hashed += len(data)
+            partial.catch_up(self._written_prefix_end(k, partial))
         if partial.blocks_in < len(self.layout.file_blocks(k)):
             return False
         self._complete_partial(k, partial)
         return True
 
+    def _written_prefix_end(self, k: int, partial: _Partial) -> int:
+        """The end of the run of held blocks of file k that starts at its hashed prefix."""
+        blocks = self.layout.file_blocks(k)
+        j = (partial.hashed + self.layout.block_size - 1) // self.layout.block_size
+        end = partial.hashed
+        while j < len(blocks) and self.has_block(blocks[j]):
+            end = self.layout.span(blocks[j]).offset + self.layout.block_length(blocks[j])
+            j += 1
+        return end
+
     def _complete_partial(self, k: int, partial: _Partial) -> None:
         spec = self.specs[k]
-        h = hashlib.sha256()
-        offset = 0
-        while offset < spec.size:
-            chunk = os.pread(partial.fd, min(4 << 20, spec.size - offset), offset)
-            if not chunk:
-                break
-            h.update(chunk)
-            offset += len(chunk)
-        if not spec.matches(h.hexdigest()):
+        partial.catch_up(spec.size)  # every block is in: the rest of the file, out of order or resumed
+        if not spec.matches(partial.sha256.hexdigest()):
             with self._lock:
                 del self._partials[k]
                 self._unmark_file(k)
             os.close(partial.fd)
             self._discard_resume(k)
             raise BadManifest(f"{spec.name}: blocks match the manifest's block_root but not its sha256")
-        os.fsync(partial.fd)
         final = self.model.folder / spec.name
         os.replace(partial.path, final)  # the descriptor still reads the same file: readers go on meanwhile
-        fsync_dir(final.parent)
         self._digests_path(k).unlink(missing_ok=True)
         with self._lock:
             self._set_complete(k, final)

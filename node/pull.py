@@ -66,6 +66,8 @@ async def pull_model(node: Node, model_cid: str, options: PullOptions | None = N
     start = time.monotonic()
 
     model = node.store.models.get(model_cid)
+    if model is not None:
+        await _recheck_unrecorded(node, model)
     wanted = None if model is None else _wanted(model, opts.selection)
     held = model is not None and wanted is not None and model.header_present and all(model.have[k] for k in wanted)
     peers = await find_holders(node, model_cid, opts, need=not held)
@@ -304,6 +306,24 @@ async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[b
     if manifest.raw.get("header_sha256") is None:
         raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
     return data, manifest
+
+
+async def _recheck_unrecorded(node: Node, model: LocalModel) -> None:
+    """Hash the files held without a verified record before they count as held.
+    Pulled files are made durable in batches, just before their records are saved
+    (Store.flush_verified): a file named after the last batch may hold anything
+    after a power cut. One that does not match is dropped, and fetched again."""
+    folder = model.folder
+    names = [e.file_name for e in model.manifest.fragments]
+    unrecorded = [
+        k for k, name in enumerate(names) if model.have[k] and node.store.verified_blocks(folder / name) is None
+    ]
+    if model.header_present and node.store.verified_blocks(folder / HEADER_NAME) is None:
+        unrecorded.append(len(names))
+    if not unrecorded:
+        return
+    swarm = await node.swarm_for(model)
+    await trio.to_thread.run_sync(lambda: [swarm.blocks.file_digests(k) for k in unrecorded])
 
 
 async def _write_tokenizer(model: LocalModel) -> None:

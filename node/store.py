@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import logging
 import os
 import stat
@@ -404,7 +405,9 @@ class Store:
                 else:
                     path.unlink(missing_ok=True)
             except OSError as e:
-                log.warning("cannot save %s: %s", path, e)
+                # A full disk has already been reported by whatever filled it; a record
+                # not saved costs only a re-hash of its files on the next start.
+                (log.debug if e.errno == errno.ENOSPC else log.warning)("cannot save %s: %s", path, e)
 
     def _went_bad(self, blob: Blob) -> None:
         log.error("local file %s does not match its hash (changed on disk?); not serving it", blob.path)

@@ -336,3 +336,30 @@ def test_v1_reads_recheck_the_blocks_they_touch(folder: Path, tmp_path: Path) ->
     assert store.read_verified(blob, 0, 100) == whole[:100]  # the untouched first block still serves
     assert store.read_verified(blob, 3 * BLOCK, 10) is None  # the rotted one does not...
     assert not model.have[1] and store.locate(model.fragment_cids[1]) is None  # ...nor the file any more
+
+
+# ---- power cut ------------------------------------------------------------------------
+
+
+def test_a_file_left_unrecorded_by_a_power_cut_is_hashed_before_a_pull_counts_it(
+    folder: Path, model: Path, tmp_path: Path
+) -> None:
+    """Pulled files are made durable in batches, just before their records are
+    saved: after a power cut, a file named since the last batch may hold anything.
+    Such a file (right size, wrong bytes, no record) is hashed by the next pull,
+    dropped and fetched again, not taken as held."""
+    cid = _cid(folder)
+    manifest = fr.read_manifest(folder)
+    data = tmp_path / "p"
+    with seed_process(folder.parent, tmp_path / "seed.log") as addr:
+        pulled_event(pull(cid, data, addr))
+        # The power cut: the last batch's record never written, one file's bytes never landed.
+        records = data / ".gguf-swarm" / "verified" / cid
+        assert records.exists()
+        records.unlink()
+        torn = data / cid / manifest.fragments[3].file_name
+        flip_byte(torn, BLOCK + 7)
+        again = pulled_event(pull(cid, data, addr))
+    assert again["bytes"] == torn.stat().st_size  # that file, and only it, fetched again
+    assert_no_wrong_final_file(data / cid)
+    assert fr.verify_folder(data / cid).ok
