@@ -79,13 +79,15 @@ MAX_INBOUND_STREAMS = 128
 MAX_ADDRS_PER_RECORD = 8
 MAX_ADDR_BYTES_PER_RECORD = 512  # /dns4 names of up to ~250 bytes still fit
 MAX_PROVIDERS_PER_KEY = 20  # the spec's k, as upstream
-# A seed holding tens of models announces thousands of fragment keys; in a
-# small swarm every node receives all of them.
-MAX_RECORDS_PER_PROVIDER = 16_384
-# Measured 0.7 kB per honest record (1-2 addresses) and 1.8 kB at the address
-# caps: 64 Ki records take 45 MB, 115 MB at worst. Ten peers each announcing
-# three models of 500 fragments need 15 k.
-MAX_RECORDS = 65_536
+# A seed announces every fragment key it holds; in a small swarm every node
+# receives all of them. 64 Ki: one 400 GB model's 41,000 fragments fit whole.
+MAX_RECORDS_PER_PROVIDER = 65_536
+# A record shares its provider's addresses with the provider's other records
+# (`_interned_info`): measured 0.47 kB per record (0.8 kB unshared), so 128 Ki
+# records take ~60 MB; at the address caps, each record with addresses of its
+# own, 1.8 kB: 230 MB at worst.
+MAX_RECORDS = 131_072
+INTERNED_INFOS = 4096  # providers whose address list is shared between records
 TRIM_ABOVE = 4096  # bytes; an honest ADD_PROVIDER with two signed records is ~1 kB
 RAW_ADDRS_KEPT = 4 * MAX_ADDRS_PER_RECORD  # before parsing: room for a few invalid ones
 
@@ -314,6 +316,23 @@ def _drop(store: ProviderStore, book: Ledger, key: bytes, provider: str) -> None
     book.remove(provider, key)
 
 
+def _interned_info(store: ProviderStore, provider: PeerInfo) -> PeerInfo:
+    """The provider's bounded record, one object shared by all its records while
+    its addresses stay the same: a seed sweeping 40,000 keys sends the same
+    addresses 40,000 times (0.8 kB a record, 0.35 kB shared)."""
+    addrs = bounded_addrs(provider.addrs)
+    raw = tuple(a.to_bytes() for a in addrs)
+    cache: dict[ID, tuple[tuple[bytes, ...], PeerInfo]] = store.__dict__.setdefault("_gguf_infos", {})
+    known = cache.get(provider.peer_id)
+    if known is not None and known[0] == raw:
+        return known[1]
+    if len(cache) >= INTERNED_INFOS:
+        cache.clear()  # a flood of identities: start over (sharing is only a saving)
+    info = PeerInfo(provider.peer_id, addrs)
+    cache[provider.peer_id] = (raw, info)
+    return info
+
+
 def _add_provider(self: ProviderStore, key: bytes, provider: PeerInfo) -> None:
     """Replaces `ProviderStore.add_provider`: the same record, within bounds."""
     if not provider or not provider.peer_id:
@@ -322,7 +341,7 @@ def _add_provider(self: ProviderStore, key: bytes, provider: PeerInfo) -> None:
     pid = str(provider.peer_id)
     local_pid = str(self.local_peer_id)
     local = pid == local_pid
-    record = ProviderRecord(PeerInfo(provider.peer_id, bounded_addrs(provider.addrs)), time.time())
+    record = ProviderRecord(_interned_info(self, provider), time.time())
     records = self.providers.get(key)
     if records is not None and pid in records:  # a refresh: no new entry
         records[pid] = record

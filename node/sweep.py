@@ -1,0 +1,86 @@
+"""Announcing many keys by sweeping the keyspace, region by region (the way
+Kubo's sweeping reprovider does), instead of one DHT lookup per key.
+
+Pure planning, no I/O: node/announcer.py runs the plan.
+
+A lookup finds the k closest peers of a key. Keys whose Kademlia ids share a
+prefix long enough that about k peers fall under it have (nearly) the same k
+closest peers, so one lookup serves the whole region, and each of those peers
+gets the region's keys on one stream. With N peers in the network a region is
+`log2(N / k)` bits of prefix: a swarm of ten nodes is one region (one lookup
+for 40,000 keys), a thousand peers make 32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+K = 20  # the DHT's replication factor: peers that store each provider record
+MAX_PREFIX_BITS = 16  # 65,536 regions: beyond any network this node will see
+
+
+def kad_id(key: bytes) -> bytes:
+    """The Kademlia id of a DHT key (a multihash) or of a peer id's bytes:
+    distances are XORs of these (py-libp2p hashes keys with SHA-256)."""
+    return hashlib.sha256(key).digest()
+
+
+def estimate_network_size(own_id: bytes, peer_ids: Iterable[bytes], k: int = K) -> int:
+    """Peers in the network, from how close the nearest known peers are: the
+    i-th closest at XOR distance d suggests i * 2**256 / d peers in all (the
+    estimator libp2p's DHTs use). The median over the k closest, never fewer
+    than the peers known."""
+    own = int.from_bytes(kad_id(own_id), "big")
+    distances = sorted(own ^ int.from_bytes(kad_id(p), "big") for p in peer_ids)
+    if not distances:
+        return 1
+    estimates = [(i + 1) * (1 << 256) // max(d, 1) for i, d in enumerate(distances[:k])]
+    return max(len(distances) + 1, int(statistics.median(estimates)))
+
+
+def prefix_bits(network_size: int, k: int = K) -> int:
+    """Bits of prefix that leave about k peers (at least) under each region."""
+    bits = 0
+    while bits < MAX_PREFIX_BITS and network_size >> (bits + 1) >= k:
+        bits += 1
+    return bits
+
+
+@dataclass(frozen=True)
+class Region:
+    prefix: int  # the region's first `bits` bits of Kademlia id
+    bits: int
+    keys: list[bytes]  # DHT keys (multihashes) whose ids start with `prefix`, in id order
+
+    @property
+    def target(self) -> bytes:
+        """The key to look up for the region's closest peers."""
+        return self.keys[0]
+
+
+def plan_regions(keys: Iterable[bytes], network_size: int, k: int = K) -> list[Region]:
+    """The keys grouped into keyspace regions, in keyspace order; each key once."""
+    bits = prefix_bits(network_size, k)
+    ordered = sorted({(kad_id(key), key) for key in keys})
+    regions: list[Region] = []
+    current: list[bytes] = []
+    prefix = -1
+    for ident, key in ordered:
+        p = int.from_bytes(ident[:4], "big") >> (32 - bits) if bits else 0
+        if p != prefix and current:
+            regions.append(Region(prefix, bits, current))
+            current = []
+        prefix = p
+        current.append(key)
+    if current:
+        regions.append(Region(prefix, bits, current))
+    return regions
+
+
+def batches(keys: list[bytes], size: int) -> Iterator[list[bytes]]:
+    """`keys` in runs of at most `size` (one stream each)."""
+    for i in range(0, len(keys), size):
+        yield keys[i : i + size]
