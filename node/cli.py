@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import logging
 import math
 import os
 import shutil
@@ -35,17 +34,20 @@ from fragmenter.cli import (
 )
 from fragmenter.progress import human_bytes
 from fragmenter.selection import Selection, held_summary, parse_layers
-from fragmenter.split import model_file_name
 from protocol import is_cid
+from protocol.names import InvalidName, parse_target, peer_id_text, validate_name
 
+from . import logs
 from .adopt import AdoptOptions, adopt
-from .config import DEFAULT_LISTEN, node_config, read_config_file
+from .config import DEFAULT_LISTEN, ENVIRONMENT, load_node_config, parse_rate, read_settings
+from .config import data_dir as layered_data_dir
 from .coverage import coverage, render, to_json
 from .host import NodeError
 from .metrics import parse_metrics_addr
+from .names import add_alias, keep_names_published, load_aliases, point_name, publisher_of, resolve_name
 from .node import Node, NodeConfig, open_node
 from .pull import PullOptions, pull_model
-from .store import Store
+from .store import Store, published_folder
 from .survey import survey
 
 # `where`'s exit status while some layer has fewer copies than asked: not 1, so a
@@ -61,14 +63,9 @@ def version() -> str:
 
 
 def load_config(args: argparse.Namespace, default_data_dir: str | None = None) -> NodeConfig:
-    """The config file, flags over it; `default_data_dir` if neither names a data dir."""
-    doc = read_config_file(args.config) if args.config else {}
-    if default_data_dir is not None and not args.data_dir and not doc.get("node", {}).get("data_dir"):
-        args.data_dir = default_data_dir
-    config = node_config(doc, args, source=args.config or "flags")
-    if args.upload_rate is not None:
-        config.serve.upload_rate = args.upload_rate or None
-    return config
+    """The config file, GGUF_SWARM_* over it, flags over both (node/config.py);
+    `default_data_dir` if none names a data dir."""
+    return load_node_config(args, os.environ, default_data_dir)
 
 
 def _seconds(text: str) -> float:
@@ -87,8 +84,15 @@ def _copies(text: str) -> int:
     return int(text)
 
 
+def _name(text: str) -> str:
+    try:
+        return validate_name(text)
+    except InvalidName as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _rate(text: str) -> int:
-    return 0 if text.strip() == "0" else parse_size(text)
+    return parse_rate(text)
 
 
 def _metrics_addr(text: str) -> str:
@@ -146,6 +150,8 @@ def _run_node(
                 _print_addrs(args, node)
             if node.metrics_url:
                 emit(args, f"metrics {node.metrics_url}", event="metrics", url=node.metrics_url)
+            if node.dashboard_url:
+                emit(args, f"dashboard {node.dashboard_url}", event="dashboard", url=node.dashboard_url)
             return int(await body(node))
 
     try:
@@ -211,6 +217,7 @@ def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
             seconds=round(node.index_seconds, 3),
         )
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_names_published, node, lambda e: _name_line(args, e))  # names.json, if any
             for cid in adopting:
                 options = AdoptOptions(
                     cid, args.budget, args.min_copies, args.adopt_interval, on_event=lambda e: _adopt_line(args, e)
@@ -245,8 +252,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model = Path(args.model)
-    # NAME, not NAME-00001-of-00003, for a split model's part: the manifest's model_name.
-    folder = config.data_dir / Path(model_file_name(model)).stem
+    folder = published_folder(config.data_dir, model)
     bar = progress_bar(args, "fragment")
     with sigterm_as_interrupt():
         result = fragment_model(model, folder, args.chunk_size, args.force, bar)
@@ -262,11 +268,94 @@ def cmd_publish(args: argparse.Namespace) -> int:
         folder=str(folder),
         fragments=result.fragments,
     )
+    if args.name:
+        entry = point_name(Store(config.data_dir).state_dir, args.name, result.model_cid)
+        emit(
+            args,
+            f"name {args.name} -> {result.model_cid} (sequence {entry.seq}); published once the node runs",
+            event="name",
+            name=args.name,
+            model_cid=result.model_cid,
+            sequence=entry.seq,
+        )
     return cmd_seed(args, config)
 
 
-def cmd_pull(args: argparse.Namespace) -> int:
+def _name_line(args: argparse.Namespace, event: dict[str, Any]) -> None:
+    if event["event"] == "name_error":
+        text = f"name {event['name']}: not published: {event['error']} (retrying)"
+    else:
+        text = (
+            f"name {event['name']} -> {event['model_cid']} (sequence {event['sequence']}, "
+            f"stored at {event['stored']} other node(s))"
+        )
+    emit(args, text, **event)
+
+
+def _aliases_path() -> Path:
+    """The alias file: $XDG_CONFIG_HOME/gguf-swarm/aliases.toml (~/.config/... without it)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "gguf-swarm" / "aliases.toml"
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    path = _aliases_path()
+    try:
+        if args.alias is None:
+            for alias, peer in sorted(load_aliases(path).items()):
+                print(f"{alias} {peer}")
+            return 0
+        if args.peer_id is None:
+            print("error: alias needs NAME PEER_ID (or no argument, to list them)", file=sys.stderr)
+            return 2
+        add_alias(path, args.alias, args.peer_id)
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.alias} -> {args.peer_id} (in {path})")
+    return 0
+
+
+def cmd_name(args: argparse.Namespace) -> int:
+    """Point a name at a model CID in the data dir's names.json; the node running
+    from that data dir (or the next one) signs and publishes it."""
     if not is_cid(args.model_cid):
+        print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
+        return 2
+    try:
+        entry = point_name(Store(Path(args.data_dir)).state_dir, args.name, args.model_cid)
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    emit(
+        args,
+        f"name {args.name} -> {args.model_cid} (sequence {entry.seq}); "
+        f"published by the node running from {args.data_dir} (within seconds), else by its next seed or publish",
+        event="name",
+        name=args.name,
+        model_cid=args.model_cid,
+        sequence=entry.seq,
+    )
+    return 0
+
+
+RESOLVE_SECONDS = 10.0  # at most this long (and --timeout) to find a name's record
+
+
+def _name_target(text: str) -> tuple[bytes, str]:
+    """PEER_ID/NAME or ALIAS/NAME -> (publisher's peer id, name); NodeError or InvalidName."""
+    publisher, name = parse_target(text)
+    return publisher_of(publisher, load_aliases(_aliases_path())), name
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    target: tuple[bytes, str] | None = None
+    if "/" in args.model_cid:  # PEER_ID/NAME or ALIAS/NAME
+        try:
+            target = _name_target(args.model_cid)
+        except (InvalidName, NodeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif not is_cid(args.model_cid):
         print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
         return 2
     try:
@@ -298,7 +387,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
             on_event=on_event,
             selection=selection,
         )
-        model, stats = await pull_model(node, args.model_cid, options)
+        model_cid = args.model_cid
+        if target is not None:
+            found = await resolve_name(node, *target, min(args.timeout, RESOLVE_SECONDS))
+            shown = f"{peer_id_text(target[0])}/{target[1]}"
+            if found.best is None:
+                raise NodeError(f"name {shown} did not resolve: no valid record among {found.asked} node(s) asked")
+            model_cid = found.best.value
+            emit(
+                args,
+                f"resolved {shown} -> {model_cid} (sequence {found.best.seq})",
+                event="resolved",
+                name=shown,
+                model_cid=model_cid,
+                sequence=found.best.seq,
+                expires=found.best.expires,
+            )
+        model, stats = await pull_model(node, model_cid, options)
         if bar:
             bar.close()
         speed = stats.bytes_fetched / max(stats.transfer_seconds, 1e-9)
@@ -365,9 +470,12 @@ def cmd_where(args: argparse.Namespace) -> int:
             print(render(cov, min_copies=args.min_copies, color=color, width=shutil.get_terminal_size().columns))
         return SHORT_OF_COPIES if cov.under(args.min_copies) else 0
 
-    with tempfile.TemporaryDirectory(prefix="gguf-swarm-where-") as scratch:  # no data dir: a throwaway identity
+    with tempfile.TemporaryDirectory(prefix="gguf-swarm-where-") as scratch:
+        # A throwaway identity unless --data-dir: not the config's or GGUF_SWARM_DATA_DIR's data dir,
+        # which a seed on this machine may be running on (one peer id, two nodes).
+        args.data_dir = args.data_dir or scratch
         try:
-            config = load_config(args, default_data_dir=scratch)
+            config = load_config(args)
         except NodeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -380,7 +488,11 @@ def _selection(args: argparse.Namespace) -> Selection:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir)
+    try:
+        data_dir = layered_data_dir(args, os.environ)
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not data_dir.is_dir():
         print(f"error: {data_dir} is not a folder", file=sys.stderr)
         return 1
@@ -417,7 +529,10 @@ def _node_arguments(p: argparse.ArgumentParser, data_dir_required: bool = False)
     p.add_argument("--data-dir", help="folder of fragment folders (served; pulls land here)")
     p.add_argument("--listen", action="append", help=f"multiaddr to listen on (repeatable; default {DEFAULT_LISTEN})")
     p.add_argument("--bootstrap", action="append", help="multiaddr of a peer to join through (repeatable)")
-    p.add_argument("--config", help="TOML config file (flags override it)")
+    p.add_argument(
+        "--config",
+        help="TOML config file (default $GGUF_SWARM_CONFIG); GGUF_SWARM_* variables override it, flags override both",
+    )
     p.add_argument(
         "--upload-rate",
         type=_rate,
@@ -430,9 +545,39 @@ def _node_arguments(p: argparse.ArgumentParser, data_dir_required: bool = False)
         metavar="HOST:PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (a bare PORT: on 127.0.0.1)",
     )
+    p.add_argument(
+        "--web",
+        metavar="HOST:PORT",
+        help="serve a live dashboard on http://HOST:PORT/ (loopback only: 127.0.0.1, [::1], localhost)",
+    )
     p.add_argument("--no-mdns", action="store_true", help="do not find or announce nodes on the LAN (mDNS)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
+    p.add_argument("--json", action="store_true", help="events as one JSON object per line on stdout (logs: stderr)")
+    _log_arguments(p)
+
+
+def _log_arguments(p: argparse.ArgumentParser) -> None:
+    logs_ = p.add_argument_group("logs (on stderr, apart from the events on stdout)")
+    logs_.add_argument("-v", "--verbose", action="store_true", help="debug logs from our components")
+    logs_.add_argument(
+        "--log-level",
+        type=_log_level,
+        metavar="SPEC",
+        help="LEVEL for our components and/or COMPONENT=LEVEL, comma-separated: e.g. info,swarm=debug,dht=info; "
+        "other libraries are silent unless named (libp2p=warning). Default warning",
+    )
+    logs_.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="text (default), or json: one object per line (ts, level, logger, msg)",
+    )
+
+
+def _log_level(text: str) -> str:
+    try:
+        logs.parse_spec(text)
+    except logs.LogSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 _SPLIT_EXAMPLES = {
@@ -456,7 +601,12 @@ def _add_split_examples(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gguf-swarm", description="Move GGUF models between machines, peer to peer.")
+    parser = argparse.ArgumentParser(
+        prog="gguf-swarm",
+        description="Move GGUF models between machines, peer to peer.",
+        epilog="node commands read a config file (--config, or GGUF_SWARM_CONFIG), then these environment variables "
+        f"over it, then flags over both: {', '.join(ENVIRONMENT)}",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_fragmenter_commands(sub)
@@ -473,10 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the GGUF file; for a split model (NAME-00001-of-0000N.gguf ...) any one part")
     p.add_argument("--chunk-size", type=parse_chunk_size, default=10 * 1024 * 1024)
     p.add_argument("--force", action="store_true", help="replace an existing fragment folder")
+    p.add_argument(
+        "--name",
+        type=_name,
+        help="also point this name at the model, signed by the node (pull PEER_ID/NAME), e.g. gemma-3-270m:q4_k_m",
+    )
     _node_arguments(p)
     p.set_defaults(func=cmd_publish)
     p = sub.add_parser("pull", help="fetch a model (or some layers) by CID from the swarm, every fragment verified")
-    p.add_argument("model_cid")
+    p.add_argument("model_cid", metavar="MODEL", help="a model CID, or a published name: PEER_ID/NAME or ALIAS/NAME")
     p.add_argument(
         "--output",
         "-o",
@@ -503,29 +658,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to look for holders (default 10)")
     _node_arguments(p)
     p.set_defaults(func=cmd_where)
-    p = sub.add_parser("models", help="list local models with their CIDs")
-    p.add_argument("--data-dir", required=True)
+    p = sub.add_parser("name", help="point a name at a model CID, for the node of this data dir to publish")
+    p.add_argument("name", type=_name)
+    p.add_argument("model_cid")
+    p.add_argument("--data-dir", required=True, help="the publishing node's data dir (its identity signs the name)")
     p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_name)
+    p = sub.add_parser("alias", help="a short name for a publisher's peer id: pull ALIAS/NAME (no argument: list)")
+    p.add_argument("alias", nargs="?", metavar="NAME")
+    p.add_argument("peer_id", nargs="?", metavar="PEER_ID")
+    p.set_defaults(func=cmd_alias)
+    p = sub.add_parser("models", help="list local models with their CIDs")
+    p.add_argument("--data-dir", help="the node's data dir (or GGUF_SWARM_DATA_DIR, or data_dir in --config)")
+    p.add_argument("--config", help="TOML config file (default $GGUF_SWARM_CONFIG): its data_dir")
+    p.add_argument("--json", action="store_true")
+    _log_arguments(p)
     p.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.CRITICAL,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    if not getattr(args, "verbose", False):
-        # py-libp2p logs routine DHT stream resets as warnings, on its own handlers.
-        for name in ("libp2p", "multiaddr"):
-            lg = logging.getLogger(name)
-            lg.setLevel(logging.CRITICAL)
-            for h in lg.handlers:
-                h.setLevel(logging.CRITICAL)
-    if args.command in ("seed", "pull") and not args.data_dir and not args.config:
-        print("error: --data-dir is required", file=sys.stderr)
-        return 2
+    if hasattr(args, "config"):  # a node command: config file, GGUF_SWARM_* over it, flags over both
+        try:
+            args.settings = read_settings(args, os.environ)
+        except NodeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    settings = getattr(args, "settings", None)
+    logs.configure(settings.log if settings is not None else logs.LogConfig())
     return run(args, args.func)
 
 

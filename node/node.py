@@ -25,6 +25,7 @@ from protocol import PROTOCOL_ID, Error, ErrorCode
 from protocol.exchange import EXCHANGE_PROTOCOL_ID, encode_exchange
 
 from .blockstore import ModelBlocks
+from .dashboard import serve_dashboard
 from .host import (
     NodeError,
     PeerLimits,
@@ -38,14 +39,20 @@ from .host import (
 )
 from .lan import lan_discovery
 from .metrics import serve_metrics
+from .names import register_validator as register_name_validator
+from .provide_sweep import provide_region
+from .recent import RecentEvents
 from .server import FragmentServer, ServeLimits
 from .standing import BanList
 from .store import LocalModel, Store
 from .streams import StreamClosed, read_hello
 from .swarm import ModelSwarm
+from .sweep import estimate_network_size, plan_regions
 
 log = logging.getLogger(__name__)
 REPUBLISH_SECONDS = 22 * 3600  # provider records expire after 48 h
+MULTIHASH_SHA256 = b"\x12\x20"  # a fragment's DHT key: this, then its SHA-256
+SWEEP_REGION_TIMEOUT = 600.0  # one region's lookup and streams; 40,000 keys take ~2 min
 # How often verified-file records are saved: a crash loses at most this much
 # verification (those files are hashed again), and no fsync per file.
 VERIFIED_FLUSH_SECONDS = 5.0
@@ -66,10 +73,12 @@ class NodeConfig:
     pull_stall_timeout: float = 60.0  # a pull with no block verified for this long ends, naming what is missing
     provides_per_second: float = 5.0
     # ADD_PROVIDER records accepted per sender per 10 s (py-libp2p drops the rest
-    # silently; its default of 10 would lose most fragment announcements).
-    provider_rate_max: int = 1000
+    # silently; its default of 10 would lose most fragment announcements). Our
+    # sweeps send at 80 % of it: 4,000 gives 320 keys/s per receiving peer.
+    provider_rate_max: int = 4000
     peers: PeerLimits = field(default_factory=PeerLimits)  # connections and inbound streams peers can make us hold
     metrics: tuple[str, int] | None = None  # (host, port) to serve Prometheus /metrics on; None: not served
+    web: tuple[str, int] | None = None  # (loopback host, port) to serve the dashboard on; None: not served
     mdns: bool = False  # find and join nodes on the LAN by multicast DNS (the CLI turns it on)
     # The only republisher (py-libp2p's own is disabled: libp2p_patches/republish.py).
     republish_seconds: float = REPUBLISH_SECONDS
@@ -97,6 +106,8 @@ class Node:
         self.banned = server.banned  # sent bad data or broke the protocol: refused by every protocol for a while
         self.nursery: trio.Nursery  # set by open_node; swarms live in it
         self.metrics_url: str | None = None  # where /metrics is served (config.metrics), once bound
+        self.dashboard_url: str | None = None  # the dashboard (config.web), with its token, once bound
+        self.events = RecentEvents()  # bans, rejected blocks, dashboard actions: the dashboard shows them
         self.indexed = server.indexed  # every model folder of the data dir is in the store
         self.index_seconds = 0.0
 
@@ -153,6 +164,7 @@ class Node:
     def ban(self, peer: ID, reason: str) -> None:
         """Refuse `peer` everywhere for a while, and close its connections now."""
         self.banned.ban(peer, reason)
+        self.events.add("banned", reason, peer=str(peer))
         self.nursery.start_soon(_disconnect, self.host, peer)
 
     async def throttle(self, n: int) -> None:
@@ -197,49 +209,72 @@ class Node:
     def announcing_idle(self) -> bool:
         return not (self._model_queue or self._fragment_queue or self._sweeps or self._wake.is_set())
 
-    def _next_key(self) -> tuple[str | None, bool]:
-        """(the next key to provide, whether it is a single key to remember in
-        `announced`); None when only fragments are left and a pull transfers."""
+    def _next_key(self) -> str | None:
+        """The next single key to provide: a model CID, else (unless a pull
+        transfers) a fragment a pull completed; None when none is due.
+        Whole models' fragment CIDs go by sweeps (`_sweep`)."""
         if self._model_queue:
             key = self._model_queue.popleft()
-            self._queued.discard(key)
-            return key, True
-        if self._pulls_transferring > 0:
-            return None, False
-        if self._fragment_queue:
+        elif self._fragment_queue and self._pulls_transferring == 0:
             key = self._fragment_queue.popleft()
-            self._queued.discard(key)
-            return key, True
-        while self._sweeps:
-            model_cid, k = next(iter(self._sweeps.items()))
-            model = self.store.models.get(model_cid)
-            n = 0 if model is None else len(model.have)
-            while k < n and not (model.have[k] and model.fragment_digest(k) is not None):  # type: ignore[union-attr]
-                k += 1
-            if k >= n:
-                del self._sweeps[model_cid]
-                continue
-            self._sweeps[model_cid] = k + 1
-            return model.fragment_cid(k), False  # type: ignore[union-attr]
-        return None, False
+        else:
+            return None
+        self._queued.discard(key)
+        return key
 
     async def _announcer(self) -> None:
         interval = 1.0 / self.config.provides_per_second
         while True:
-            key, single = self._next_key()
-            if key is None:
+            key = self._next_key()
+            if key is not None:
+                await self._provide(key)
+                await trio.sleep(interval)
+            elif self._sweeps and self._pulls_transferring == 0:
+                model_cid = next(iter(self._sweeps))
+                del self._sweeps[model_cid]
+                model = self.store.models.get(model_cid)
+                if model is not None:
+                    await self._sweep(model)
+            else:
                 self._wake = trio.Event()
                 await self._wake.wait()
-                continue
-            with trio.move_on_after(30):
-                try:
-                    if await self.dht.provide(key):
-                        self.announced_count += 1
-                        if single:
-                            self.announced.add(key)
-                except Exception as e:  # a DHT hiccup must not stop announcing
-                    log.warning("provide %s failed: %s", key, e)
-            await trio.sleep(interval)
+
+    async def _provide(self, key: str) -> None:
+        """One key, one lookup: model CIDs and single fragments."""
+        with trio.move_on_after(30):
+            try:
+                if await self.dht.provide(key):
+                    self.announced_count += 1
+                    self.announced.add(key)
+            except Exception as e:  # a DHT hiccup must not stop announcing
+                log.warning("provide %s failed: %s", key, e)
+
+    def _reached(self, keys: int) -> None:
+        self.announced_count += keys
+
+    async def _sweep(self, model: LocalModel) -> None:
+        """Every fragment CID held of `model`, by keyspace region (sweep.py): one
+        lookup per region, not per key. Model CIDs queued meanwhile go first, and
+        the sweep waits while a pull transfers."""
+        digests = [model.fragment_digest(k) for k in range(len(model.have)) if model.have[k]]
+        keys = [MULTIHASH_SHA256 + d for d in digests if d is not None]
+        own = self.peer_id.to_bytes()
+        size = estimate_network_size(own, [p.to_bytes() for p in self.dht.routing_table.get_peer_ids()])
+        for region in plan_regions(keys, size):
+            while True:  # what must not wait behind a sweep
+                key = self._next_key()
+                if key is not None:
+                    await self._provide(key)
+                elif self._pulls_transferring > 0:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                else:
+                    break
+            try:
+                with trio.move_on_after(SWEEP_REGION_TIMEOUT):
+                    await provide_region(self.host, self.dht, region, self.config.provider_rate_max, self._reached)
+            except Exception as e:  # a DHT hiccup must not stop announcing
+                log.warning("announcing %d fragment CIDs of %s failed: %s", len(region.keys), model.cid, e)
 
     async def _republisher(self) -> None:
         while True:
@@ -310,6 +345,7 @@ async def open_node(config: NodeConfig, wait_for_index: bool = True) -> AsyncIte
         async with host.run(listen_addrs=listen), trio.open_nursery() as nursery:
             dht = KadDHT(host, DHTMode.SERVER)
             dht._provider_rate_max = config.provider_rate_max
+            register_name_validator(dht)  # stores refuse forged, expired and older name records
             host.set_stream_handler(PROTOCOL_ID, server.handle)
             node = Node(config, host, dht, store, server)
             server.fetching_of = node.fetching_of
@@ -328,8 +364,12 @@ async def open_node(config: NodeConfig, wait_for_index: bool = True) -> AsyncIte
                     async with AsyncExitStack() as stack:
                         if config.metrics is not None:
                             node.metrics_url = await stack.enter_async_context(serve_metrics(node, *config.metrics))
+                        if config.web is not None:
+                            node.dashboard_url = await stack.enter_async_context(serve_dashboard(node, *config.web))
                         if config.mdns:
                             await stack.enter_async_context(lan_discovery(node))
+                        up = {"peer_id": str(node.peer_id), "addrs": node.addrs(), "data_dir": str(data_dir)}
+                        log.info("node running", extra=up)
                         yield node
                 finally:
                     server.stop()  # handlers run in libp2p's nursery: cancel them ourselves

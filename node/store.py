@@ -1,7 +1,9 @@
 """The fragment folders under a data dir, indexed by CID.
 
 Any folder with a `manifest.json` is a model (ours or the existing tool's); a
-pull writes into `DATA_DIR/<model CID>/`. The index is built at start from
+pull writes into `DATA_DIR/<model CID>/`, `publish` into `DATA_DIR/<model name>/`
+(`published_folder`); either is found by its CID, so a pull of a model already
+published into the same data dir fetches nothing. The index is built at start from
 manifests and file sizes alone; hashes come from our manifests, or for the
 existing tool's (which have only 16-hex prefixes) from a cache keyed by file
 size and mtime, so nothing is re-hashed on every start. A file is hashed whole
@@ -24,11 +26,12 @@ Synchronous file work: the node calls it through `trio.to_thread`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import errno
 import logging
 import os
+import shutil
 import stat
 import threading
 import uuid
@@ -41,6 +44,7 @@ from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.fragment_table import FragmentTable
 from fragmenter.fsio import fsync_dir, sync_filesystem
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
+from fragmenter.split import model_file_name
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.cid import InvalidCID, cid_from_digest, cid_from_hex, cid_of, cids_from_hex, digest_of_cid
 
@@ -52,9 +56,16 @@ STATE_DIR = ".gguf-swarm"
 _HASH_CACHE = "hash-cache.json"
 PARTIAL_PREFIX = ".partial-"
 RESUME_PREFIX = ".resume-"
+REMOVING_PREFIX = ".removing-"  # a model folder being deleted (delete_model_folder)
 _VERIFIED_DIR = "verified"
 _INDEX_DIR = "index"  # parsed manifests (manifest_index.py)
 _UNKNOWN = bytes(32)
+
+
+def published_folder(data_dir: Path, model_file: Path) -> Path:
+    """Where `publish` fragments a GGUF: `DATA_DIR/NAME`, the file's name without
+    `.gguf` (for a split model's part, NAME, not NAME-00001-of-00003: the manifest's model_name)."""
+    return Path(data_dir) / Path(model_file_name(model_file)).stem
 
 
 @dataclass
@@ -166,6 +177,8 @@ class Store:
 
     def model_folders(self) -> list[Path]:
         """The folders of the data dir that hold a manifest."""
+        for p in self.data_dir.glob(REMOVING_PREFIX + "*"):  # a removal a crash interrupted
+            shutil.rmtree(p, ignore_errors=True)
         return sorted(
             p
             for p in self.data_dir.iterdir()
@@ -451,6 +464,50 @@ class Store:
             model.header_present = True
         else:
             model.have[index] = True
+
+    # ---- removing a model ------------------------------------------------
+
+    def forget_model(self, cid: str) -> LocalModel:
+        """Take model `cid` out of the index (nothing serves it from now on) and
+        return it for `delete_model_folder`. KeyError if it is not held;
+        ValueError if its folder is not a model folder directly under the data
+        dir: a node deletes nothing else. On the trio thread (the index changes)."""
+        model = self.models[cid]
+        self._check_removable(model.folder)
+        del self.models[cid]
+        return model
+
+    def delete_model_folder(self, model: LocalModel) -> None:
+        """Delete a forgotten model's folder and its records (synchronous file
+        work: call it on a worker thread). The folder is first renamed to a hidden
+        name in one step, so a crash midway never leaves a half-deleted folder that
+        looks like a model; a leftover is deleted at the next start."""
+        folder = model.folder
+        self._check_removable(folder)
+        trash = self.data_dir / f"{REMOVING_PREFIX}{folder.name}.{uuid.uuid4().hex[:12]}"
+        os.rename(folder, trash)
+        fsync_dir(self.data_dir)
+        prefix = str(folder) + os.sep
+        with self._lock:
+            for key in [k for k in self._verified if k.startswith(prefix)]:
+                del self._verified[key]
+            self._dirty.discard(folder)
+        for path in (self._verified_path(folder), self._index_path(folder)):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _check_removable(self, folder: Path) -> None:
+        ok = (
+            folder.parent == self.data_dir
+            and folder.parent.resolve() == self.data_dir.resolve()
+            and not folder.name.startswith(".")
+            and not folder.is_symlink()
+            and folder.is_dir()
+            and (folder / MANIFEST_NAME).is_file()
+        )
+        if not ok:
+            raise ValueError(f"not removing {folder}: not a model folder directly in {self.data_dir} (or a symlink)")
 
     # ---- hash cache for the existing tool's folders ----------------------
 

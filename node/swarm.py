@@ -835,6 +835,8 @@ class ModelSwarm:
             self.parked.setdefault(self.layout.file_of(block), []).append((peer, block, data))
         elif result is None:
             self.stats.blocks_rejected += 1
+            text = f"block {block} of {self.model.name} did not match its digest"
+            self.node.events.add("rejected_block", text, peer=str(peer), model=self.model.cid)
             picker.rejected(peer, block)
             self._ban(peer, f"sent block {block} that does not match its digest")
         elif isinstance(result, BadManifest):
@@ -958,6 +960,8 @@ class ModelSwarm:
 
     def _drop(self, link: PeerLink, why: str) -> None:
         log.info("dropping peer %s: %s", link.peer, why)
+        text = f"dropped for {DROP_FOR:.0f} s: {why}"
+        self.node.events.add("dropped", text, peer=str(link.peer), model=self.model.cid)
         self.dropped[link.peer] = trio.current_time() + DROP_FOR
         link.scope.cancel()
 
