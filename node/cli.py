@@ -123,6 +123,26 @@ async def _serve_forever(args: argparse.Namespace, node: Node) -> None:
                 return
 
 
+async def _stop_on_signal(args: argparse.Namespace, body: Any, node: Node) -> int:
+    """`body(node)`, stopped cleanly (exit 0) by SIGTERM or Ctrl-C at any point:
+    a seed is stopped while it indexes, or just after it printed its addresses,
+    as readily as when it serves."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for _ in signals:
+                    emit(args, "stopping", event="stopping")
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            code = int(await body(node))
+            nursery.cancel_scope.cancel()
+            return code
+    return 0  # stopped by a signal
+
+
 async def _report_stats(node: Node, every: float = 5.0) -> None:
     """--json: what the node has served so far, every few seconds (for dashboards and benchmarks)."""
     while True:
@@ -143,16 +163,25 @@ def _run_node(
     config: NodeConfig | None = None,
     quiet: bool = False,
     wait_for_index: bool = True,
+    serving: bool = False,
 ) -> int:
+    """Run `body(node)` in a started node; `serving`: it runs until a signal
+    stops it, which it may do from the moment the node is up (exit 0)."""
+
     async def main() -> int:
         async with open_node(config or load_config(args), wait_for_index) as node:
-            if not quiet:
-                _print_addrs(args, node)
-            if node.metrics_url:
-                emit(args, f"metrics {node.metrics_url}", event="metrics", url=node.metrics_url)
-            if node.dashboard_url:
-                emit(args, f"dashboard {node.dashboard_url}", event="dashboard", url=node.dashboard_url)
-            return int(await body(node))
+            if serving:
+                return await _stop_on_signal(args, lambda n: _announced_then(args, body, n), node)
+            return await _announced_then(args, body, node)
+
+    async def _announced_then(args: argparse.Namespace, body: Any, node: Node) -> int:
+        if not quiet:
+            _print_addrs(args, node)
+        if node.metrics_url:
+            emit(args, f"metrics {node.metrics_url}", event="metrics", url=node.metrics_url)
+        if node.dashboard_url:
+            emit(args, f"dashboard {node.dashboard_url}", event="dashboard", url=node.dashboard_url)
+        return int(await body(node))
 
     try:
         return trio.run(main)
@@ -223,11 +252,12 @@ def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
                     cid, args.budget, args.min_copies, args.adopt_interval, on_event=lambda e: _adopt_line(args, e)
                 )
                 nursery.start_soon(adopt, node, options)
-            await _serve_forever(args, node)
-            nursery.cancel_scope.cancel()
+            if args.json:
+                nursery.start_soon(_report_stats, node)
+            await trio.sleep_forever()  # until _stop_on_signal cancels it
         return 0
 
-    return _run_node(args, body, config, wait_for_index=False)
+    return _run_node(args, body, config, wait_for_index=False, serving=True)
 
 
 def _adopt_line(args: argparse.Namespace, event: dict[str, Any]) -> None:

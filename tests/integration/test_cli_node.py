@@ -234,3 +234,19 @@ def folder_for_lan(tmp_path: Path) -> tuple[Path, str]:
         [*CLI, "models", "--data-dir", str(tmp_path / "seed"), "--json"], capture_output=True, text=True
     )
     return tmp_path / "seed", json.loads(listed.stdout.splitlines()[0])["model_cid"]
+
+
+def test_a_seed_stopped_at_once_stops_cleanly(tmp_path: Path) -> None:
+    """SIGTERM the moment a seed has printed its address (it may still be
+    indexing): a clean stop, exit 0, not death by the signal."""
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [*CLI, "seed", "--data-dir", str(tmp_path / "d"), *LISTEN, "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == "listening"
+        terminate(proc)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
