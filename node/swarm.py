@@ -728,6 +728,8 @@ class ModelSwarm:
         digests = self.blocks.digests.get(file)
         if digests is None and self.blocks.file_complete(file):
             digests = await trio.to_thread.run_sync(self.blocks.file_digests, file)
+            if digests is None:  # hashed just now and found bad on disk (dropped): say so before the empty answer
+                self._tell_lost(file)
         if link.session.closed or self.links.get(link.peer) is not link:
             return
         try:

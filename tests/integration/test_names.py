@@ -172,7 +172,7 @@ def test_cli_publish_with_a_name_then_pull_by_name(tmp_path: Path) -> None:
             if event["event"] == "name_published" and event["sequence"] == 1:
                 assert event["model_cid"] == other
                 break
-        proc = pull(f"alice/{NAME}", "--timeout", "5")
+        proc = pull(f"alice/{NAME}", "--timeout", "2")
         assert f"resolved {peer}/{NAME} -> {other} (sequence 1)" in proc.stdout, (proc.stdout, proc.stderr)
         assert_one_line_error(proc, "no peer has model")  # the name resolved; nobody holds that model
 

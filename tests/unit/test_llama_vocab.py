@@ -101,10 +101,18 @@ def test_which_vocabularies_have_vectors(llama_vocab_dir: Path) -> None:
     assert sorted(n for n in with_inp if VOCAB_MODELS[n] in SUPPORTED) == WITH_VECTORS
 
 
+_BUILT: dict[tuple[Path, str], Path] = {}  # each vocabulary's files, built once for the tests that load them
+
+
 def written_tokenizer(folder: Path, name: str, tmp_path: Path) -> Any:
+    """A fresh Tokenizer of our files for vocabulary `name` (the files are built
+    once per run; each test loads its own copy, as its settings change it)."""
     tokenizers = pytest.importorskip("tokenizers")
-    fr.write_tokenizer_files(fr.parse_header(vocab_file(folder, name).read_bytes()), tmp_path)
-    return tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    built = _BUILT.get((folder, name))
+    if built is None:
+        fr.write_tokenizer_files(fr.parse_header(vocab_file(folder, name).read_bytes()), tmp_path)
+        built = _BUILT[(folder, name)] = tmp_path
+    return tokenizers.Tokenizer.from_file(str(built / "tokenizer.json"))
 
 
 @pytest.mark.parametrize(
