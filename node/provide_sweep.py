@@ -34,7 +34,7 @@ STREAM_KEYS = 2000  # keys per stream: well inside a receiver's stream lifetime 
 PEERS_AT_ONCE = 8  # peers of a region sent to concurrently
 RATE_SHARE = 0.8  # of the receivers' limit: their window and ours need not line up
 ECHO_BYTES = 256  # an echo is the key and the message type
-ATTEMPTS = 3  # streams per batch and peer
+ATTEMPTS = 3  # streams in a row that carry no key before a peer is given up
 RETRY_PAUSE = 2.0  # seconds, times the attempt
 
 
@@ -69,15 +69,17 @@ async def provide_region(
     async def one(peer: ID) -> None:
         async with limit:
             for i, batch in enumerate(batches(messages, STREAM_KEYS)):
-                done = 0
-                for attempt in range(ATTEMPTS):  # a reset stream (a busy peer timed us out): go on from its last echo
-                    done += await _send_batch(host, peer, batch[done:], per_second)
+                done = failures = 0
+                while done < len(batch):  # a reset stream (a busy peer timed us out): go on from its last echo
+                    sent = await _send_batch(host, peer, batch[done:], per_second)
+                    done += sent
                     if done == len(batch):
                         break
-                    await trio.sleep(RETRY_PAUSE * (attempt + 1))
-                else:
-                    log.debug("provide sweep: %s took %d of %d keys; it gets no more", peer, done, len(batch))
-                    return
+                    failures = 0 if sent else failures + 1
+                    if failures >= ATTEMPTS:
+                        log.debug("provide sweep: %s took %d of %d keys; it gets no more", peer, done, len(batch))
+                        return
+                    await trio.sleep(RETRY_PAUSE * (failures + 1))
                 if i not in reached:
                     reached.add(i)
                     on_reached(len(batch))
