@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,17 +38,17 @@ from protocol import is_cid
 from protocol.names import InvalidName, parse_target, peer_id_text, validate_name
 
 from . import logs
-from .adopt import AdoptOptions, adopt
 from .config import DEFAULT_LISTEN, ENVIRONMENT, load_node_config, parse_rate, read_settings
 from .config import data_dir as layered_data_dir
 from .coverage import coverage, render, to_json
-from .host import NodeError
-from .metrics import parse_metrics_addr
-from .names import add_alias, keep_names_published, load_aliases, point_name, publisher_of, resolve_name
-from .node import Node, NodeConfig, open_node
-from .pull import PullOptions, pull_model
+from .errors import NodeError
 from .store import Store, published_folder
-from .survey import survey
+
+# The node's own modules (py-libp2p, about a second to import) are imported in
+# the commands that run a node: `fragment`, `assemble`, `verify` and `--help`
+# start in a third of a second.
+if TYPE_CHECKING:
+    from .node import Node, NodeConfig
 
 # `where`'s exit status while some layer has fewer copies than asked: not 1, so a
 # script can tell an under-replicated model from an error (nobody reachable).
@@ -96,6 +96,8 @@ def _rate(text: str) -> int:
 
 
 def _metrics_addr(text: str) -> str:
+    from .metrics import parse_metrics_addr
+
     try:
         parse_metrics_addr(text)
     except ValueError as e:
@@ -169,6 +171,8 @@ def _run_node(
     stops it, which it may do from the moment the node is up (exit 0)."""
 
     async def main() -> int:
+        from .node import open_node
+
         async with open_node(config or load_config(args), wait_for_index) as node:
             if serving:
                 return await _stop_on_signal(args, lambda n: _announced_then(args, body, n), node)
@@ -217,6 +221,9 @@ def _models_line(node: Node) -> list[dict[str, Any]]:
 
 
 def cmd_seed(args: argparse.Namespace, config: NodeConfig | None = None) -> int:
+    from .adopt import AdoptOptions, adopt
+    from .names import keep_names_published
+
     adopting = getattr(args, "adopt", None) or []
     for cid in adopting:
         if not is_cid(cid):
@@ -276,6 +283,8 @@ def _adopt_line(args: argparse.Namespace, event: dict[str, Any]) -> None:
 def cmd_publish(args: argparse.Namespace) -> int:
     """Fragment into the data dir the node then serves: --data-dir, else the
     config's data_dir, else the working directory."""
+    from .names import point_name
+
     try:
         config = load_config(args, default_data_dir=".")
     except NodeError as e:
@@ -328,6 +337,8 @@ def _aliases_path() -> Path:
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
+    from .names import add_alias, load_aliases
+
     path = _aliases_path()
     try:
         if args.alias is None:
@@ -348,6 +359,8 @@ def cmd_alias(args: argparse.Namespace) -> int:
 def cmd_name(args: argparse.Namespace) -> int:
     """Point a name at a model CID in the data dir's names.json; the node running
     from that data dir (or the next one) signs and publishes it."""
+    from .names import point_name
+
     if not is_cid(args.model_cid):
         print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
         return 2
@@ -373,11 +386,16 @@ RESOLVE_SECONDS = 10.0  # at most this long (and --timeout) to find a name's rec
 
 def _name_target(text: str) -> tuple[bytes, str]:
     """PEER_ID/NAME or ALIAS/NAME -> (publisher's peer id, name); NodeError or InvalidName."""
+    from .names import load_aliases, publisher_of
+
     publisher, name = parse_target(text)
     return publisher_of(publisher, load_aliases(_aliases_path())), name
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from .names import resolve_name
+    from .pull import PullOptions, pull_model
+
     target: tuple[bytes, str] | None = None
     if "/" in args.model_cid:  # PEER_ID/NAME or ALIAS/NAME
         try:
@@ -484,6 +502,8 @@ def _assembled_line(args: argparse.Namespace, result: AssembleResult) -> None:
 
 def cmd_where(args: argparse.Namespace) -> int:
     """The coverage map: which peers hold which layers, with each row's copy count."""
+    from .survey import survey
+
     if not is_cid(args.model_cid):
         print(f"error: not a model CID (CIDv1 raw sha2-256, bafk...): {args.model_cid!r}", file=sys.stderr)
         return 2
@@ -716,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     settings = getattr(args, "settings", None)
+    if settings is not None:
+        import libp2p  # noqa: F401  (a node command: py-libp2p sets up its logging as it loads; ours takes over)
     logs.configure(settings.log if settings is not None else logs.LogConfig())
     return run(args, args.func)
 

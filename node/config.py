@@ -16,16 +16,15 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fragmenter.cli import parse_size
 
-from .dashboard import parse_web_addr
-from .host import NodeError, PeerLimits
+from .errors import NodeError
 from .logs import LogConfig, LogSpecError, check_component, parse_format, parse_level, parse_spec
-from .metrics import parse_metrics_addr
-from .node import NodeConfig
-from .server import ServeLimits
+
+if TYPE_CHECKING:
+    from .node import NodeConfig
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 _KEYS = {
@@ -83,6 +82,8 @@ def parse_rate(text: str) -> int:
 
 
 def _env_metrics(text: str) -> str:
+    from .metrics import parse_metrics_addr  # here: the node's modules load only for node commands
+
     parse_metrics_addr(text.strip())
     return text.strip()
 
@@ -200,6 +201,14 @@ def _flags_log(args: argparse.Namespace) -> LogConfig:
 
 def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "config") -> NodeConfig:
     """The file's values, with any flag given on the command line taking precedence."""
+    # Here, not at the top: the CLI reads settings for every command, and py-libp2p
+    # (which these bring in) takes about a second to import.
+    from .dashboard import parse_web_addr
+    from .host import PeerLimits
+    from .metrics import parse_metrics_addr
+    from .node import NodeConfig
+    from .server import ServeLimits
+
     node, serve, fetch = doc.get("node", {}), doc.get("serve", {}), doc.get("fetch", {})
     peers, peer_limits = doc.get("peers", {}), PeerLimits()
     data_dir = args.data_dir or node.get("data_dir")

@@ -27,14 +27,11 @@ from libp2p.rcmgr.connection_limits import new_connection_limits_with_defaults
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from .errors import NodeError
 from .libp2p_patches import apply_all, streams
 
 IDENTITY_FILE = "identity.key"
 PERMANENT_TTL = 0  # peerstore: never expire
-
-
-class NodeError(Exception):
-    """A user-facing failure of the node (bad address, unreachable peer, ...)."""
 
 
 def load_or_create_identity(state_dir: Path) -> KeyPair:
