@@ -88,6 +88,13 @@ def _env_metrics(text: str) -> str:
     return text.strip()
 
 
+def _env_web(text: str) -> str:
+    from .dashboard import parse_web_addr
+
+    parse_web_addr(text.strip())
+    return text.strip()
+
+
 def _env_log_level(text: str) -> str:
     parse_spec(text)
     return text
@@ -99,6 +106,7 @@ ENVIRONMENT: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "GGUF_SWARM_LISTEN": ("node", "listen", _words),
     "GGUF_SWARM_BOOTSTRAP": ("node", "bootstrap", _words),
     "GGUF_SWARM_METRICS": ("node", "metrics", _env_metrics),
+    "GGUF_SWARM_WEB": ("node", "web", _env_web),
     "GGUF_SWARM_MDNS": ("node", "mdns", _env_bool),
     "GGUF_SWARM_UPLOAD_RATE": ("serve", "upload_rate", parse_rate),
     "GGUF_SWARM_LOG_LEVEL": ("log", "level", _env_log_level),
@@ -117,7 +125,7 @@ def environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         try:
             doc.setdefault(section, {})[key] = parse(text)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-            raise NodeError(f"{variable}: {str(e).removeprefix('metrics: ')}") from None
+            raise NodeError(f"{variable}: {str(e).removeprefix('metrics: ').removeprefix('web: ')}") from None
     return doc
 
 

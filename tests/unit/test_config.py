@@ -123,12 +123,13 @@ def test_the_environment_overrides_the_file_and_flags_override_both(seed_toml: s
         "GGUF_SWARM_UPLOAD_RATE": "5MB",
         "GGUF_SWARM_MDNS": "true",
         "GGUF_SWARM_METRICS": "9100",
+        "GGUF_SWARM_WEB": "8080",
     }
     over_file = layered(env)
     assert over_file.data_dir == Path("/srv/env") and over_file.serve.upload_rate == 5_000_000
     assert over_file.listen == ["/ip4/0.0.0.0/tcp/5001", "/ip6/::/tcp/5001"]
     assert over_file.bootstrap == ["/ip4/10.0.0.2/tcp/1/p2p/B", "/ip4/10.0.0.3/tcp/1/p2p/C"]
-    assert over_file.mdns and over_file.metrics == ("127.0.0.1", 9100)
+    assert over_file.mdns and over_file.metrics == ("127.0.0.1", 9100) and over_file.web == ("127.0.0.1", 8080)
     assert over_file.serve.max_total == 7  # not in the environment: still the file's
     flags_win = layered(
         env, "--data-dir", "/srv/flag", "--listen", "/ip4/127.0.0.1/tcp/0", "--upload-rate", "0", "--no-mdns"
@@ -151,6 +152,7 @@ def test_a_flag_config_is_read_instead_of_the_environments(seed_toml: str, tmp_p
         ("GGUF_SWARM_UPLOAD_RATE", "fast", "GGUF_SWARM_UPLOAD_RATE: not a size: 'fast'"),
         ("GGUF_SWARM_MDNS", "maybe", "GGUF_SWARM_MDNS: expected true or false, got 'maybe'"),
         ("GGUF_SWARM_METRICS", "everywhere", "GGUF_SWARM_METRICS: expected HOST:PORT"),
+        ("GGUF_SWARM_WEB", "0.0.0.0:8080", "GGUF_SWARM_WEB: the dashboard is served on loopback only"),
         ("GGUF_SWARM_LOG_LEVEL", "loud", "GGUF_SWARM_LOG_LEVEL: not a log level: 'loud'"),
         ("GGUF_SWARM_LOG_LEVEL", "swram=debug", "GGUF_SWARM_LOG_LEVEL: unknown log component 'swram'"),
         ("GGUF_SWARM_LOG_FORMAT", "xml", "GGUF_SWARM_LOG_FORMAT: not a log format: 'xml'"),
