@@ -43,16 +43,15 @@ from hypercorn.trio import serve
 from fragmenter.progress import human_bytes
 from protocol import is_cid
 
+from .addresses import DEFAULT_HOST, is_loopback, parse_host_port
 from .dashboard_state import Caches, PullState, RateHistory, build, collect, totals
-from .host import NodeError
-from .metrics import is_loopback
+from .errors import NodeError
 
 if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
 MAX_CLIENTS = 8  # live event streams at once; beyond, 503
 MAX_BODY = 4096  # bytes of a POST body
 MAX_PULLS = 4  # pulls started from the dashboard running at once
@@ -81,24 +80,13 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 def parse_web_addr(text: str | int) -> tuple[str, int]:
     """`HOST:PORT`, `[::1]:PORT` or a bare `PORT` (on 127.0.0.1); HOST must be
     loopback (`localhost` is taken as 127.0.0.1). ValueError otherwise."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)  # `web = 8080` in a config file
-    if not isinstance(text, str):
-        raise ValueError(f"web: expected a string HOST:PORT, got {text!r}")
-    text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = DEFAULT_HOST, text
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"web: expected HOST:PORT (e.g. 127.0.0.1:8080), got {text!r}")
+    host, port = parse_host_port(text, "web", 8080)
     if not is_loopback(host):
         raise ValueError(
             f"web: the dashboard is served on loopback only (127.0.0.1, [::1] or localhost), not {host}; "
             "from another machine, use an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST)"
         )
-    return (DEFAULT_HOST if host == "localhost" else host), int(port_text)
+    return (DEFAULT_HOST if host == "localhost" else host), port
 
 
 def host_allowed(value: str) -> bool:

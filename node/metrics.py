@@ -9,7 +9,6 @@ two nodes in one process do not share metrics.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -22,40 +21,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .host import NodeError
+from .addresses import parse_host_port
+from .errors import NodeError
 
 if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger(__name__)
-DEFAULT_HOST = "127.0.0.1"
 
 
 def parse_metrics_addr(text: str | int) -> tuple[str, int]:
     """`HOST:PORT`, `[IPv6]:PORT` or a bare `PORT` (then on 127.0.0.1: a
     non-loopback host is only ever used when written out)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)  # `metrics = 9100` in a config file
-    if not isinstance(text, str):
-        raise ValueError(f"metrics: expected a string HOST:PORT, got {text!r}")
-    text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = DEFAULT_HOST, text
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"metrics: expected HOST:PORT (e.g. 127.0.0.1:9100), got {text!r}")
-    return host, int(port_text)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return parse_host_port(text, "metrics", 9100)
 
 
 @dataclass

@@ -11,8 +11,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 import fragmenter as fr
+from node.addresses import is_loopback
 from node.host import NodeError
-from node.metrics import is_loopback, parse_metrics_addr
+from node.metrics import parse_metrics_addr
 from node.node import NodeConfig, open_node
 from node.pull import PullOptions, pull_model
 from tests.integration.test_swarm import LOOPBACK, model_folder
