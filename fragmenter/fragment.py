@@ -29,7 +29,7 @@ from protocol.blocks import BLOCK_SIZE, BlockHasher
 from protocol.cid import cid_from_digest
 
 from .errors import FragmenterError, GGUFFormatError
-from .fsio import open_staging_folder
+from .fsio import open_staging_folder, start_writeback
 from .gguf_header import GGUFHeader, parse_header
 from .manifest import (
     HEADER_NAME,
@@ -282,6 +282,9 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> str:
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
+WRITEBACK_FROM = 256 * 1024  # files this large start their writeback as written (see start_writeback)
+
+
 def _write_file(name: str, data: memoryview | bytes, folder: int) -> None:
     """Write `data` to the file `name` in the folder open as `folder` (unbuffered: one write)."""
     fd = os.open(name, _NEW_FILE, 0o666, dir_fd=folder)
@@ -289,6 +292,8 @@ def _write_file(name: str, data: memoryview | bytes, folder: int) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if len(data) >= WRITEBACK_FROM:
+            start_writeback(fd)
     finally:
         os.close(fd)
 
@@ -337,6 +342,8 @@ def _write_fragments(
                 for view in reader.chunks(item.size, blocks):
                     hasher.update(view)
                     out.write(view)
+                out.flush()
+                start_writeback(out.fileno())
             # The block root is filled in below, once the block worker is done.
             fid = entries.add(item, hasher.hexdigest(), "", bases[item.tensor.name])
             roots.append((len(entries) - 1, reader.block_root(blocks)))
