@@ -29,7 +29,7 @@ from protocol.blocks import BLOCK_SIZE, BlockHasher
 from protocol.cid import cid_from_digest
 
 from .errors import FragmenterError, GGUFFormatError
-from .fsio import open_staging_folder, start_writeback
+from .fsio import WRITEBACK_FROM, open_staging_folder, start_writeback
 from .gguf_header import GGUFHeader, parse_header
 from .manifest import (
     HEADER_NAME,
@@ -280,9 +280,6 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> str:
 
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-
-
-WRITEBACK_FROM = 256 * 1024  # files this large start their writeback as written (see start_writeback)
 
 
 def _write_file(name: str, data: memoryview | bytes, folder: int) -> None:

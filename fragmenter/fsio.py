@@ -53,6 +53,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_FROM = 256 * 1024  # files this large start their writeback as they are written (start_writeback)
 
 
 def start_writeback(fd: int) -> None:

@@ -39,6 +39,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from fragmenter.fsio import start_writeback
 from fragmenter.manifest import HEADER_NAME
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.layout import BlockLayout
@@ -344,6 +345,7 @@ class ModelBlocks:
             os.close(partial.fd)
             self._discard_resume(k)
             raise BadManifest(f"{spec.name}: blocks match the manifest's block_root but not its sha256")
+        start_writeback(partial.fd)  # on disk by the next records' sync, mostly, instead of all then
         final = self.model.folder / spec.name
         os.replace(partial.path, final)  # the descriptor still reads the same file: readers go on meanwhile
         self._digests_path(k).unlink(missing_ok=True)

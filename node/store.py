@@ -42,7 +42,7 @@ import numpy as np
 
 from fragmenter import FragmenterError, Manifest, parse_manifest
 from fragmenter.fragment_table import FragmentTable
-from fragmenter.fsio import fsync_dir, sync_filesystem
+from fragmenter.fsio import WRITEBACK_FROM, fsync_dir, start_writeback, sync_filesystem
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
 from fragmenter.split import model_file_name
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
@@ -536,6 +536,8 @@ def _write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+            elif len(data) >= WRITEBACK_FROM:
+                start_writeback(f.fileno())  # durable at the next batch's sync; most of it on disk by then
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)  # a full disk, say: no temporary file left behind
