@@ -66,7 +66,7 @@ async def pull_model(node: Node, model_cid: str, options: PullOptions | None = N
     start = time.monotonic()
 
     model = node.store.models.get(model_cid)
-    if model is not None:
+    if model is not None and node.store.pulled_unsynced(model):
         await _recheck_unrecorded(node, model)
     wanted = None if model is None else _wanted(model, opts.selection)
     held = model is not None and wanted is not None and model.header_present and all(model.have[k] for k in wanted)
@@ -309,10 +309,12 @@ async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[b
 
 
 async def _recheck_unrecorded(node: Node, model: LocalModel) -> None:
-    """Hash the files held without a verified record before they count as held.
-    Pulled files are made durable in batches, just before their records are saved
-    (Store.flush_verified): a file named after the last batch may hold anything
-    after a power cut. One that does not match is dropped, and fetched again."""
+    """Hash the files held without a verified record before they count as held,
+    in a folder a pull wrote into since its records were last made whole (after
+    a crash, say). Pulled files are made durable in batches, just before their
+    records are saved (Store.flush_verified): a file named after the last batch
+    may hold anything after a power cut. One that does not match is dropped,
+    and fetched again."""
     folder = model.folder
     names = [e.file_name for e in model.manifest.fragments]
     unrecorded = [

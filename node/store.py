@@ -58,6 +58,7 @@ PARTIAL_PREFIX = ".partial-"
 RESUME_PREFIX = ".resume-"
 REMOVING_PREFIX = ".removing-"  # a model folder being deleted (delete_model_folder)
 _VERIFIED_DIR = "verified"
+_PULLING_DIR = "pulling"  # folders pulls write into without fsync, until recorded whole (mark_pulling)
 _INDEX_DIR = "index"  # parsed manifests (manifest_index.py)
 _UNKNOWN = bytes(32)
 
@@ -386,6 +387,28 @@ class Store:
         with self._lock:
             self._verified.update(trusted)
 
+    def _pulling_path(self, folder: Path) -> Path | None:
+        return self.state_dir / _PULLING_DIR / folder.name if folder.parent == self.data_dir else None
+
+    def mark_pulling(self, model: LocalModel) -> None:
+        """Before blocks are written into `model`'s folder without fsync: a durable
+        mark that a power cut may leave its files that have no record torn (a pull
+        hashes those first, pull.py). `flush_verified` clears it once the model is
+        whole and recorded; folders `fragment` wrote (synced) never carry it."""
+        path = self._pulling_path(model.folder)
+        if path is None or path.exists():
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path, model.cid.encode())
+        except OSError as e:  # a full disk, say: the write that follows fails with the clear error
+            log.warning("cannot save %s: %s", path, e)
+
+    def pulled_unsynced(self, model: LocalModel) -> bool:
+        """Was a pull writing into `model`'s folder since its records were last made whole?"""
+        path = self._pulling_path(model.folder)
+        return path is not None and path.exists()
+
     def flush_verified(self) -> None:
         """Write the records of the folders changed since the last flush (one atomic
         write per folder). Never raises: a record not written costs only a re-hash."""
@@ -398,7 +421,8 @@ class Store:
                 records = by_folder.get(os.path.dirname(key))
                 if records is not None:
                     records.append(record)
-        cids = {m.folder: m.cid for m in list(self.models.values())}  # list(): models are added meanwhile
+        models = {m.folder: m for m in list(self.models.values())}  # list(): models are added meanwhile
+        cids = {folder: m.cid for folder, m in models.items()}
         try:
             sync_filesystem(self.data_dir)  # the files these records vouch for, written without fsync
         except OSError as e:
@@ -417,6 +441,9 @@ class Store:
                     _write_atomic(path, verified_state.encode(cids[folder], sorted(records, key=lambda r: r.name)))
                 else:
                     path.unlink(missing_ok=True)
+                pulling = self._pulling_path(folder)
+                if pulling is not None and models[folder].complete:  # every file synced and recorded
+                    pulling.unlink(missing_ok=True)
             except OSError as e:
                 # A full disk has already been reported by whatever filled it; a record
                 # not saved costs only a re-hash of its files on the next start.

@@ -235,6 +235,7 @@ class ModelSwarm:
             raise SwarmFailed(str(self.failure))
         handle = Want({k for k in files if not self.blocks.file_complete(k)})
         if handle.missing:
+            self.node.store.mark_pulling(self.model)  # before any block is written without fsync
             self._wants.append(handle)
             for k in handle.missing:
                 self._waiting_on.setdefault(k, []).append(handle)

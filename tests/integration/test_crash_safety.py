@@ -353,10 +353,13 @@ def test_a_file_left_unrecorded_by_a_power_cut_is_hashed_before_a_pull_counts_it
     data = tmp_path / "p"
     with seed_process(folder.parent, tmp_path / "seed.log") as addr:
         pulled_event(pull(cid, data, addr))
-        # The power cut: the last batch's record never written, one file's bytes never landed.
-        records = data / ".gguf-swarm" / "verified" / cid
-        assert records.exists()
+        # The power cut: the last batch's record never written (so the pull's mark is still
+        # there), one file's bytes never landed.
+        state = data / ".gguf-swarm"
+        records, mark = state / "verified" / cid, state / "pulling" / cid
+        assert records.exists() and not mark.exists()  # a whole model, recorded: the mark went
         records.unlink()
+        mark.write_text(cid)
         torn = data / cid / manifest.fragments[3].file_name
         flip_byte(torn, BLOCK + 7)
         again = pulled_event(pull(cid, data, addr))
