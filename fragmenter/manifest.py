@@ -273,10 +273,16 @@ MAX_ID_CHARS = 200
 _RESERVED = {HEADER_NAME.lower(), MANIFEST_NAME.lower(), "tokenizer.json", "tokenizer.model"}
 
 
-def load_manifest_json(data: bytes, where: str = "manifest") -> Any:
+def load_manifest_json(data: bytes, where: str = "manifest", entries: bool = False) -> Any:
     """Untrusted manifest bytes -> JSON, or one clear ManifestError: bounded in
     size, no NaN or Infinity, no nesting deep enough to exhaust the stack.
-    The gate every manifest passes, from a peer or from the data dir."""
+    The gate every manifest passes, from a peer or from the data dir.
+
+    `entries`: each fragment entry that parses on its own becomes a
+    FragmentEntry as it is decoded (what `parse_manifest` would make of it), so
+    the JSON dicts of a 40,000-fragment manifest are never all held at once
+    (93 MB at the peak, against ~45 MB); one that needs the manifest's other
+    keys, or is malformed, stays a dict for `parse_manifest` to judge."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{where}: manifest of {len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte cap")
 
@@ -284,7 +290,7 @@ def load_manifest_json(data: bytes, where: str = "manifest") -> Any:
         raise ValueError(f"{name} is not a number a manifest may hold")
 
     try:
-        return json.loads(data, parse_constant=no_constant)
+        return json.loads(data, parse_constant=no_constant, object_hook=_early_entry if entries else None)
     except RecursionError:
         raise ManifestError(f"{where}: manifest nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -299,11 +305,29 @@ def read_manifest(folder: Path) -> Manifest:
         raise ManifestError(f"{path}: no manifest.json in this folder") from None
     except OSError as e:
         raise ManifestError(f"{path}: unreadable manifest ({e.strerror or e})") from None
-    return parse_manifest(load_manifest_json(data, str(path)), str(path))
+    return parse_manifest_bytes(data, str(path))
+
+
+def _early_entry(obj: dict[str, Any]) -> Any:
+    """`load_manifest_json(entries=True)`'s hook: a fragment entry that carries
+    its own file_offset, parsed at once; anything else as it came."""
+    if "fragment_id" not in obj or "file_offset" not in obj:
+        return obj
+    try:
+        return _parse_fragment(obj, False, None)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return obj  # parse_manifest raises the error, in its words
+
+
+def parse_manifest_bytes(data: bytes, where: str = "manifest") -> Manifest:
+    """`parse_manifest(load_manifest_json(data))`, without the peak of every
+    fragment entry held as a JSON dict (a pull, the index of a data dir)."""
+    return parse_manifest(load_manifest_json(data, where, entries=True), where)
 
 
 def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
-    """Validate and normalize a manifest dict (ours or the existing tool's)."""
+    """Validate and normalize a manifest dict (ours or the existing tool's); its
+    fragment entries may come parsed already (`parse_manifest_bytes`)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("fragments"), list):
         raise ManifestError(f"{where}: not a fragment manifest (no 'fragments' list)")
     ours = raw.get("format") in OUR_FORMATS
@@ -312,7 +336,9 @@ def parse_manifest(raw: Any, where: str = "manifest") -> Manifest:
     if not isinstance(model, str):
         raise ManifestError(f"{where}: no model_name")
     try:
-        fragments = [_parse_fragment(f, ours, chunk) for f in raw["fragments"]]
+        fragments = [f if isinstance(f, FragmentEntry) else _parse_fragment(f, ours, chunk) for f in raw["fragments"]]
+        if ours and any(f.sha256 is None for f in fragments):
+            raise KeyError("sha256")  # as _parse_fragment says it of one of ours without it
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed fragment entry ({e})") from None
     ids = [f.fragment_id for f in fragments]

@@ -21,8 +21,8 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from fragmenter import FragmenterError, Manifest, parse_manifest
-from fragmenter.manifest import HEADER_NAME, MAX_MANIFEST_BYTES, load_manifest_json
+from fragmenter import FragmenterError, Manifest
+from fragmenter.manifest import HEADER_NAME, MAX_MANIFEST_BYTES, parse_manifest_bytes
 from fragmenter.selection import Selection
 from fragmenter.tokenizer import TOKENIZER_JSON
 from protocol import HaveRequest, ManifestRequest
@@ -300,7 +300,7 @@ async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[b
         raise NodeError(f"no peer sent a manifest matching {model_cid}")
     data = winner[0]
     try:
-        manifest = parse_manifest(load_manifest_json(data, "manifest from peer"), "manifest from peer")
+        manifest = parse_manifest_bytes(data, "manifest from peer")
     except FragmenterError as e:
         raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
     if manifest.raw.get("header_sha256") is None:

@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fragmenter import FragmenterError, Manifest, parse_manifest
+from fragmenter import FragmenterError, Manifest
 from fragmenter.fragment_table import FragmentTable
 from fragmenter.fsio import WRITEBACK_FROM, fsync_dir, start_writeback, sync_filesystem
-from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, load_manifest_json
+from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, parse_manifest_bytes
 from fragmenter.split import model_file_name
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.cid import InvalidCID, cid_from_digest, cid_from_hex, cid_of, cids_from_hex, digest_of_cid
@@ -213,7 +213,7 @@ class Store:
         manifest = None if index_path is None else manifest_index.load(index_path, model_cid)
         if manifest is None:
             where = str(folder / MANIFEST_NAME)
-            manifest = parse_manifest(load_manifest_json(raw, where), where)
+            manifest = parse_manifest_bytes(raw, where)
             if index_path is not None:
                 manifest_index.save(index_path, model_cid, manifest)
         table = manifest.fragments

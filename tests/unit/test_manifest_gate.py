@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fragmenter as fr
 from fragmenter.errors import ManifestError
-from fragmenter.manifest import MAX_MANIFEST_BYTES, load_manifest_json, parse_manifest, serialize
+from fragmenter.manifest import MAX_MANIFEST_BYTES, load_manifest_json, parse_manifest, parse_manifest_bytes, serialize
 from node.store import Store
 from tests.gguf_factory import write_model
 
@@ -30,8 +30,20 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def gate(raw: Any) -> fr.Manifest:
+    """The gate, both ways: the JSON whole then parsed, and entry by entry as it is
+    decoded (parse_manifest_bytes, what pulls and the store use): the same
+    manifest, or the same one error."""
     data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
-    return parse_manifest(load_manifest_json(data), "manifest")
+    try:
+        whole = parse_manifest(load_manifest_json(data), "manifest")
+    except ManifestError as e:
+        with pytest.raises(ManifestError) as early:
+            parse_manifest_bytes(data, "manifest")
+        assert str(early.value) == str(e)
+        raise
+    early_parsed = parse_manifest_bytes(data, "manifest")
+    assert list(early_parsed.fragments) == list(whole.fragments) and early_parsed.raw == whole.raw
+    return whole
 
 
 def test_our_own_manifest_passes(manifest: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ def no_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("parsed the manifest again")
 
-    monkeypatch.setattr(store_module, "parse_manifest", refuse)
+    monkeypatch.setattr(store_module, "parse_manifest_bytes", refuse)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -65,18 +65,18 @@ def test_an_edited_manifest_is_parsed_again(tmp_path: Path) -> None:
     manifest = data / "m" / "manifest.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"format"', b' "format"', 1))  # same JSON, another CID
     calls = []
-    real = store_module.parse_manifest
+    real = store_module.parse_manifest_bytes
 
     def counting(*args: object) -> Manifest:
         calls.append(1)
         return real(*args)  # type: ignore[arg-type]
 
-    store_module.parse_manifest = counting  # type: ignore[assignment]
+    store_module.parse_manifest_bytes = counting  # type: ignore[assignment]
     try:
         store = Store(data)
         store.scan()
     finally:
-        store_module.parse_manifest = real
+        store_module.parse_manifest_bytes = real
     assert calls == [1] and len(store.models) == 1
 
 
