@@ -236,8 +236,8 @@ MANIFEST_STAGGER = 3.0  # a holder still sending the manifest after this long ge
 
 
 async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalModel:
-    data, _ = await fetch_manifest(node, model_cid, peers)
-    return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data)
+    data, manifest = await fetch_manifest(node, model_cid, peers)
+    return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data, manifest)
 
 
 async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[bytes, Manifest]:

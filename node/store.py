@@ -206,16 +206,24 @@ class Store:
         self._index(model)
         return model
 
-    def _read_folder(self, folder: Path, cache: dict[str, list]) -> LocalModel:
-        raw = (folder / MANIFEST_NAME).read_bytes()
-        model_cid = cid_of(raw)
+    def _read_folder(
+        self, folder: Path, cache: dict[str, list], parsed: tuple[str, Manifest] | None = None
+    ) -> LocalModel:
+        """`parsed`: (CID, manifest) of the folder's manifest, known already."""
         index_path = self._index_path(folder)
-        manifest = None if index_path is None else manifest_index.load(index_path, model_cid)
-        if manifest is None:
-            where = str(folder / MANIFEST_NAME)
-            manifest = parse_manifest_bytes(raw, where)
+        if parsed is not None:
+            model_cid, manifest = parsed
             if index_path is not None:
                 manifest_index.save(index_path, model_cid, manifest)
+        else:
+            raw = (folder / MANIFEST_NAME).read_bytes()
+            model_cid = cid_of(raw)
+            manifest = None if index_path is None else manifest_index.load(index_path, model_cid)
+            if manifest is None:
+                manifest = parse_manifest_bytes(raw, str(folder / MANIFEST_NAME))
+                if index_path is not None:
+                    manifest_index.save(index_path, model_cid, manifest)
+            del raw
         table = manifest.fragments
         assert isinstance(table, FragmentTable)
         # Whole columns, no entry per fragment: this runs for every fragment of every model at start.
@@ -466,15 +474,21 @@ class Store:
 
     # ---- writing pulled models ------------------------------------------
 
-    def begin_model(self, cid: str, manifest_bytes: bytes) -> LocalModel:
-        """Create (or reopen, to resume) the folder a pull writes into."""
+    def begin_model(self, cid: str, manifest_bytes: bytes, manifest: Manifest | None = None) -> LocalModel:
+        """Create (or reopen, to resume) the folder a pull writes into. `manifest`:
+        `manifest_bytes` parsed already (by the caller that checked them against
+        `cid`): not read back and parsed again (30 MB and 0.6 s at 40,000 fragments)."""
         if cid in self.models:
             return self.models[cid]
         folder = self.data_dir / cid
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / MANIFEST_NAME).exists():
             _write_atomic(folder / MANIFEST_NAME, manifest_bytes)
-        return self._add_folder(folder, {})
+        elif manifest is not None and cid_of((folder / MANIFEST_NAME).read_bytes()) != cid:
+            manifest = None  # another manifest under this CID's name: read what is there, as any folder
+        model = self._read_folder(folder, {}, (cid, manifest) if manifest is not None else None)
+        self._index(model)
+        return model
 
     def write_file(self, model: LocalModel, index: int, data: bytes) -> None:
         """Write verified bytes under their final name (index -1: the header)."""
