@@ -388,3 +388,34 @@ def test_accepts_block_sizes_within_bounds(raw_manifest: dict[str, Any], size: i
 def test_mixed_types_cover_the_issue_list() -> None:
     assert {T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K} <= {t for _, t, _ in MIXED}
     assert {1, 2, 3} <= {len(s) for _, _, s in MIXED}
+
+
+DEQUANTIZED = sorted(gguf.quants._type_traits, key=lambda t: t.name)  # every type gguf-py dequantizes
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in random blocks
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, *DEQUANTIZED], ids=lambda t: t.name)
+def test_every_type_gguf_py_dequantizes_validates_and_loads(qtype: T, tmp_path: Path) -> None:
+    """A GGUFWriter model of one tensor of `qtype` (random blocks: scales may be NaN
+    or inf, which must come back the same): `load_tensor` gives what gguf-py
+    dequantizes from the original file, and `validate` passes exactly when
+    that is all finite."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, per_row = 3, 2
+    rng = np.random.default_rng(int(qtype))
+    raw = rng.integers(0, 256, size=(rows, per_row * type_size), dtype=np.uint8)
+    path = tmp_path / "one.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fr.fragment_model(path, tmp_path / "frag", chunk_size=4096)
+    (t,) = gguf.GGUFReader(path).tensors
+    expected = gguf.quants.dequantize(t.data, t.tensor_type)
+    got = fr.load_tensor(tmp_path / "frag", t.name)
+    assert got.shape == (rows, per_row * block)
+    np.testing.assert_array_equal(got, expected.reshape(got.shape))
+    assert fr.validate_folder(tmp_path / "frag").ok == bool(np.isfinite(expected).all())
