@@ -85,7 +85,10 @@ async def test_corrupt_peer_is_banned_and_the_honest_one_serves(tmp_path: Path) 
     (evil_dir / folder.name).mkdir()
     for p in folder.iterdir():
         (evil_dir / folder.name / p.name).write_bytes(p.read_bytes())
-    async with node_at(tmp_path / "honest") as honest, node_at(evil_dir) as evil:
+    # The honest seed at 300 kB/s: the pull lasts seconds, so the liar's session is
+    # up and asked before it ends (unthrottled, the honest one could serve it all first).
+    slow = ServeLimits(upload_rate=300_000)
+    async with node_at(tmp_path / "honest", serve=slow) as honest, node_at(evil_dir) as evil:
         model_cid = next(iter(honest.store.models))
         evil_swarm = await evil.swarm_for(evil.store.models[model_cid])
         honest_read = evil_swarm.blocks.read_block
