@@ -41,7 +41,7 @@ from . import logs
 from .config import DEFAULT_LISTEN, ENVIRONMENT, load_node_config, parse_rate, read_settings
 from .config import data_dir as layered_data_dir
 from .coverage import coverage, render, to_json
-from .errors import NodeError
+from .errors import NodeError, first_leaf
 from .store import Store, published_folder
 
 # The node's own modules (py-libp2p, about a second to import) are imported in
@@ -191,7 +191,7 @@ def _run_node(
         return trio.run(main)
     except BaseExceptionGroup as group:
         # trio nurseries wrap errors in groups; report the first user-facing one.
-        leaf = _first_leaf(group, (NodeError, FragmenterError, KeyboardInterrupt, OSError))
+        leaf = first_leaf(group, (NodeError, FragmenterError, KeyboardInterrupt, OSError))
         if leaf is None:
             raise
         if isinstance(leaf, KeyboardInterrupt | OSError):
@@ -201,16 +201,6 @@ def _run_node(
     except (NodeError, FragmenterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-
-def _first_leaf(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_leaf(inner, kinds)
-            if found is not None:
-                return found
-        return None
-    return exc if isinstance(exc, kinds) else None
 
 
 def _models_line(node: Node) -> list[dict[str, Any]]:

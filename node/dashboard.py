@@ -45,7 +45,7 @@ from protocol import is_cid
 
 from .addresses import DEFAULT_HOST, is_loopback, parse_host_port
 from .dashboard_state import Caches, PullState, RateHistory, build, collect, totals
-from .errors import NodeError
+from .errors import NodeError, first_leaf
 
 if TYPE_CHECKING:
     from .node import Node
@@ -327,8 +327,8 @@ async def serve_dashboard(node: Node, host: str, port: int) -> AsyncIterator[str
         try:
             binds: list[str] = await nursery.start(partial(serve, app, config))
         except BaseException as e:
-            error = _leaf(e, OSError)
-            if error is None:
+            error = first_leaf(e, (OSError,))  # a port taken, say
+            if not isinstance(error, OSError):
                 raise
             raise NodeError(f"cannot serve the dashboard on {host}:{port}: {error.strerror or error}") from None
         url = binds[0]
@@ -417,13 +417,3 @@ async def _respond(
 
 async def _json(send: Send, status: int, doc: dict[str, Any]) -> None:
     await _respond(send, status, json.dumps(doc).encode(), "application/json")
-
-
-def _leaf(exc: BaseException, kind: type[OSError]) -> OSError | None:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _leaf(inner, kind)
-            if found is not None:
-                return found
-        return None
-    return exc if isinstance(exc, kind) else None
