@@ -147,6 +147,7 @@ def open_staging_folder(final: Path, force: bool) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp's 0700 would shut out a seed run as another user
     except OSError as e:
         raise FragmenterError(f"cannot write into {final.parent}: {e.strerror}") from None
     except BaseException:  # a SIGTERM or Ctrl-C after mkdtemp made the folder, before we knew its name
@@ -169,6 +170,20 @@ def open_staging_folder(final: Path, force: bool) -> Iterator[Path]:
         raise
 
 
+def umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def open_staging_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; renamed onto `final` on success."""
@@ -177,7 +192,10 @@ def open_staging_file(final: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(final)
         fd, name = tempfile.mkstemp(prefix=_staging_prefix(final, "partial"), dir=final.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, 0o666 & ~umask())  # what open(2) gives, not mkstemp's 0600
+        finally:
+            os.close(fd)
     except OSError as e:
         raise FragmenterError(f"cannot write into {final.parent}: {e.strerror}") from None
     tmp = Path(name)

@@ -419,3 +419,18 @@ def test_every_type_gguf_py_dequantizes_validates_and_loads(qtype: T, tmp_path: 
     assert got.shape == (rows, per_row * block)
     np.testing.assert_array_equal(got, expected.reshape(got.shape))
     assert fr.validate_folder(tmp_path / "frag").ok == bool(np.isfinite(expected).all())
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_folders_and_files_get_the_modes_the_umask_gives(small_model: Path, tmp_path: Path, mask: int) -> None:
+    # A seed often runs as its own user: a folder left at mkdtemp's 0700 (or a
+    # model at mkstemp's 0600) would be unreadable to it.
+    old = os.umask(mask)
+    try:
+        fr.fragment_model(small_model, tmp_path / "frag")
+        fr.assemble(tmp_path / "frag", tmp_path / "out.gguf")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "frag").stat().st_mode & 0o777 == 0o777 & ~mask
+    for path in (tmp_path / "out.gguf", tmp_path / "frag" / "manifest.json", tmp_path / "frag" / "gguf_header.dat"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
