@@ -10,25 +10,40 @@ only when the manifest's bytes on disk still hash to the CID it was made
 from, so an edited manifest is parsed (and checked) again. Written after a
 full check, with no pickled objects; any file that does not load cleanly is
 ignored (and rewritten), never trusted in part.
+
+A manifest of CHILD_PARSE_FROM bytes or more is parsed by a child process
+(`python -m node.manifest_index`), which writes the index that the node then
+loads. Why: parsing 30 MB of JSON costs ~90 MB of short-lived objects, which
+CPython's allocator keeps from the OS once freed (a pull of a 40,960-fragment
+model peaked at 254 MB, a seed's first start on 20 such models sat at 469 MB
+against 360 MB after a restart); and a first start can parse on every core.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from fragmenter.errors import FragmenterError, ManifestError
 from fragmenter.fragment_table import FragmentTable
-from fragmenter.manifest import Manifest, PartEntry
+from fragmenter.manifest import MAX_MANIFEST_BYTES, Manifest, PartEntry, parse_manifest_bytes
+from protocol.cid import cid_from_digest
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+CHILD_PARSE_FROM = 4 << 20  # ~5,000 fragments; below it a child's start-up (~0.2 s) costs more than it saves
+_REJECTED = 3  # the child's exit status for a manifest it parsed and refused (its error on stderr)
+_CHILD_SECONDS = 600.0
 
 
 def save(path: Path, model_cid: str, manifest: Manifest) -> None:
@@ -92,3 +107,83 @@ def load(path: Path, model_cid: str) -> Manifest | None:
     except Exception as e:  # anything malformed: parse the manifest instead
         log.info("ignoring manifest index %s: %s", path, e)
         return None
+
+
+def cid_of_file(source: BinaryIO) -> str:
+    """The CID of a file's bytes from its start, read in chunks (no copy held)."""
+    source.seek(0)
+    digest = hashlib.sha256()
+    while chunk := source.read(1 << 20):
+        digest.update(chunk)
+    return cid_from_digest(digest.digest())
+
+
+def check_size(source: BinaryIO, where: str) -> int:
+    """The size of a manifest file; ManifestError when it is over the cap."""
+    size = os.fstat(source.fileno()).st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{where}: manifest of {size} bytes is over the {MAX_MANIFEST_BYTES}-byte cap")
+    return size
+
+
+def parse(source: BinaryIO, model_cid: str, index_path: Path | None, where: str) -> Manifest:
+    """The manifest in `source` (a file whose bytes hash to `model_cid`), parsed
+    and checked, its index saved at `index_path` (None: none kept). Large
+    ones are parsed by a child process (see above); ManifestError, in the
+    parser's own words, when it is refused either way."""
+    size = check_size(source, where)
+    if index_path is not None and size >= CHILD_PARSE_FROM:
+        manifest = _parse_in_child(source, model_cid, index_path, where)
+        if manifest is not None:
+            return manifest
+    source.seek(0)
+    data = source.read()
+    if cid_from_digest(hashlib.sha256(data).digest()) != model_cid:
+        raise ManifestError(f"{where}: the manifest changed while it was read")
+    manifest = parse_manifest_bytes(data, where)
+    del data
+    if index_path is not None:
+        save(index_path, model_cid, manifest)
+    return manifest
+
+
+def _parse_in_child(source: BinaryIO, model_cid: str, index_path: Path, where: str) -> Manifest | None:
+    """The index a child process made of `source`, loaded; None when the child
+    could not do the work (could not start, was killed, found other bytes):
+    the caller parses in this process instead."""
+    source.seek(0)
+    cmd = [sys.executable, "-m", "node.manifest_index", model_cid, str(index_path), where]
+    try:
+        done = subprocess.run(cmd, stdin=source, capture_output=True, text=True, timeout=_CHILD_SECONDS)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("manifest parser process failed (%s); parsing here", e)
+        return None
+    if done.returncode == _REJECTED:
+        raise ManifestError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{where}: refused")
+    manifest = load(index_path, model_cid) if done.returncode == 0 else None
+    if manifest is None:
+        log.info("manifest parser process ended with status %d (%s); parsing here", done.returncode, done.stderr[-300:])
+    return manifest
+
+
+def _child_main(argv: list[str]) -> int:
+    """`python -m node.manifest_index CID INDEX_PATH WHERE` < manifest: parse and
+    check the manifest on stdin and save its index; the error on stderr and
+    status _REJECTED when it is refused."""
+    model_cid, index_path, where = argv
+    data = sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1)
+    if cid_from_digest(hashlib.sha256(data).digest()) != model_cid:
+        print(f"{where}: the manifest changed while it was read", file=sys.stderr)
+        return 1  # not a verdict on the manifest: the caller reads it again itself
+    try:
+        manifest = parse_manifest_bytes(data, where)
+    except FragmenterError as e:
+        print(str(e).replace("\n", " "), file=sys.stderr)
+        return _REJECTED
+    del data
+    save(Path(index_path), model_cid, manifest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

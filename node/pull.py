@@ -16,18 +16,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import trio
 from libp2p.peer.id import ID
 
 from fragmenter import FragmenterError, Manifest
-from fragmenter.manifest import HEADER_NAME, MAX_MANIFEST_BYTES, parse_manifest_bytes
+from fragmenter.manifest import HEADER_NAME, MAX_MANIFEST_BYTES
 from fragmenter.selection import Selection
 from fragmenter.tokenizer import TOKENIZER_JSON
 from protocol import HaveRequest, ManifestRequest
 from protocol.cid import cid_from_digest
 
+from . import manifest_index
 from .client import Session, request_have
 from .host import NodeError
 from .node import Node
@@ -236,23 +238,48 @@ MANIFEST_STAGGER = 3.0  # a holder still sending the manifest after this long ge
 
 
 async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalModel:
-    data, manifest = await fetch_manifest(node, model_cid, peers)
-    return await trio.to_thread.run_sync(node.store.begin_model, model_cid, data, manifest)
+    with await _fetch_manifest_file(node, model_cid, peers) as spool:
+        manifest = await trio.to_thread.run_sync(
+            _parse_fetched, spool, model_cid, node.store.pulled_index_path(model_cid)
+        )
+        return await trio.to_thread.run_sync(node.store.begin_model, model_cid, spool, manifest)
 
 
 async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[bytes, Manifest]:
-    """The manifest from the first holder whose bytes hash to the CID. Holders
-    are asked in turn, a new one every MANIFEST_STAGGER seconds while the
-    earlier ones are still sending, so a holder that trickles (or stalls)
-    costs seconds, not its whole timeout. Bodies stream into unnamed temporary
-    files, hashed on the way: several hostile holders sending the largest
-    allowed manifest at once cost disk, not memory, and leave nothing behind."""
-    winner: list[bytes] = []
+    """The manifest's bytes from the first holder whose bytes hash to the CID
+    (see `_fetch_manifest_file`), and what they parse to."""
+    with await _fetch_manifest_file(node, model_cid, peers) as spool:
+        manifest = await trio.to_thread.run_sync(_parse_fetched, spool, model_cid, None)
+        spool.seek(0)
+        return spool.read(), manifest
+
+
+def _parse_fetched(spool: BinaryIO, model_cid: str, index_path: Path | None) -> Manifest:
+    try:
+        manifest = manifest_index.parse(spool, model_cid, index_path, "manifest from peer")
+    except FragmenterError as e:
+        raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
+    if manifest.raw.get("header_sha256") is None:
+        raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
+    return manifest
+
+
+async def _fetch_manifest_file(node: Node, model_cid: str, peers: list[ID]) -> BinaryIO:
+    """An unnamed temporary file (the caller closes it) holding the manifest
+    from the first holder whose bytes hash to the CID. Holders are asked in
+    turn, a new one every MANIFEST_STAGGER seconds while the earlier ones are
+    still sending, so a holder that trickles (or stalls) costs seconds, not its
+    whole timeout. Bodies stream into such files, hashed on the way: several
+    hostile holders sending the largest allowed manifest at once cost disk,
+    not memory, and leave nothing behind; nor is the winner ever held whole
+    in memory (30 MB at 40,000 fragments)."""
+    winner: list[BinaryIO] = []
     local_errors: list[OSError] = []
     node.store.state_dir.mkdir(parents=True, exist_ok=True)
 
     async def fetch(peer: ID, done: trio.Event) -> None:
-        with tempfile.TemporaryFile(dir=node.store.state_dir, buffering=0) as spool:
+        spool = tempfile.TemporaryFile(dir=node.store.state_dir, buffering=0)
+        try:
             digest = hashlib.sha256()
 
             def sink(data: bytes) -> None:
@@ -284,9 +311,11 @@ async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[b
             if cid_from_digest(digest.digest()) != model_cid:
                 log.warning("peer %s sent a manifest that does not match %s", peer, model_cid)
             elif not winner:
-                spool.seek(0)
-                winner.append(spool.readall())  # hashes to the CID: the publisher's own bytes
+                winner.append(spool)  # hashes to the CID: the publisher's own bytes
                 nursery.cancel_scope.cancel()
+        finally:
+            if not winner or winner[0] is not spool:
+                spool.close()
 
     async with trio.open_nursery() as nursery:
         for peer in peers:
@@ -295,17 +324,12 @@ async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[b
             with trio.move_on_after(MANIFEST_STAGGER):
                 await done.wait()
     if local_errors:
+        for spool in winner:
+            spool.close()
         raise NodeError(f"cannot write into {node.store.state_dir}: {local_errors[0].strerror or local_errors[0]}")
     if not winner:
         raise NodeError(f"no peer sent a manifest matching {model_cid}")
-    data = winner[0]
-    try:
-        manifest = parse_manifest_bytes(data, "manifest from peer")
-    except FragmenterError as e:
-        raise NodeError(f"model {model_cid} has an unusable manifest: {e}") from None
-    if manifest.raw.get("header_sha256") is None:
-        raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
-    return data, manifest
+    return winner[0]
 
 
 async def _recheck_unrecorded(node: Node, model: LocalModel) -> None:

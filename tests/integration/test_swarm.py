@@ -254,3 +254,32 @@ async def test_concurrent_pullers_trade_fragments_among_themselves(tmp_path: Pat
     assert swarm.stats.bytes_uploaded < 3 * manifest.total_bytes
     # Super-seeding handed out every block (its effect is measured by bench/swarm_bench.py).
     assert swarm.seeding is not None and not swarm.seeding.active
+
+
+async def test_a_large_manifest_is_parsed_outside_the_pulling_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull hands a manifest it counts as large to a child process, which
+    checks it and writes its index; the pull goes on from that index, and a
+    restart of the puller reads it too (nothing is parsed in this process)."""
+    from node import manifest_index
+
+    model, _ = model_folder(tmp_path / "seed")
+    async with AsyncExitStack() as stack:
+        seed = await stack.enter_async_context(node_at(tmp_path / "seed"))
+        model_cid = next(iter(seed.store.models))
+        monkeypatch.setattr(manifest_index, "CHILD_PARSE_FROM", 0)
+
+        def refuse(*args: object) -> None:
+            raise AssertionError("the pulling process parsed the manifest")
+
+        monkeypatch.setattr(manifest_index, "parse_manifest_bytes", refuse)
+        puller = await stack.enter_async_context(node_at(tmp_path / "p", seed.addrs()[:1]))
+        got, _ = await pull_model(puller, model_cid)
+        assert got.complete
+    assert (tmp_path / "p" / ".gguf-swarm" / "index" / f"{model_cid}.npz").is_file()
+    async with node_at(tmp_path / "p") as again:
+        await again.indexed.wait()
+        assert again.store.models[model_cid].complete
+    fr.assemble(got.folder, tmp_path / "out.gguf")
+    assert sha256_file(tmp_path / "out.gguf") == sha256_file(model)

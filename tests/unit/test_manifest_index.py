@@ -9,8 +9,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 import fragmenter as fr
+from fragmenter.errors import ManifestError
 from fragmenter.manifest import Manifest
-from node import store as store_module
+from node import manifest_index
 from node.store import Store
 from tests.gguf_factory import write_model
 
@@ -39,7 +40,7 @@ def no_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("parsed the manifest again")
 
-    monkeypatch.setattr(store_module, "parse_manifest_bytes", refuse)
+    monkeypatch.setattr(manifest_index, "parse_manifest_bytes", refuse)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -65,18 +66,18 @@ def test_an_edited_manifest_is_parsed_again(tmp_path: Path) -> None:
     manifest = data / "m" / "manifest.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"format"', b' "format"', 1))  # same JSON, another CID
     calls = []
-    real = store_module.parse_manifest_bytes
+    real = manifest_index.parse_manifest_bytes
 
     def counting(*args: object) -> Manifest:
         calls.append(1)
         return real(*args)  # type: ignore[arg-type]
 
-    store_module.parse_manifest_bytes = counting  # type: ignore[assignment]
+    manifest_index.parse_manifest_bytes = counting  # type: ignore[assignment]
     try:
         store = Store(data)
         store.scan()
     finally:
-        store_module.parse_manifest_bytes = real
+        manifest_index.parse_manifest_bytes = real
     assert calls == [1] and len(store.models) == 1
 
 
@@ -95,3 +96,45 @@ def test_a_damaged_index_is_ignored_and_rebuilt(tmp_path: Path, damage: bytes | 
     ((cid, model),) = store.models.items()
     assert same(model.manifest, reference.models[cid].manifest)
     assert index.stat().st_size > 1000  # rebuilt
+
+
+def test_a_large_manifest_is_parsed_by_a_child_process_to_the_same_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = fragmented(tmp_path, split=True)
+    reference = Store(data)
+    reference.scan()
+    (index,) = (data / ".gguf-swarm" / "index").iterdir()
+    index.unlink()
+    monkeypatch.setattr(manifest_index, "CHILD_PARSE_FROM", 0)  # every manifest counts as large
+    no_parsing(monkeypatch)  # in this process: the child process parses
+    store = Store(data)
+    store.scan()
+    ((cid, model),) = store.models.items()
+    assert same(model.manifest, reference.models[cid].manifest) and model.complete
+    assert index.is_file()
+
+
+def test_the_child_refuses_a_bad_manifest_in_the_same_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = fragmented(tmp_path)
+    manifest = data / "m" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"size_bytes": 32768', b'"size_bytes": -5', 1))
+    cid = manifest_index.cid_of_file(manifest.open("rb"))
+    errors = []
+    for threshold in (1 << 40, 0):  # in this process, then in a child
+        monkeypatch.setattr(manifest_index, "CHILD_PARSE_FROM", threshold)
+        with manifest.open("rb") as f, pytest.raises(ManifestError) as caught:
+            manifest_index.parse(f, cid, tmp_path / f"index-{threshold}.npz", str(manifest))
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "size_bytes is not a whole number" in errors[0]
+    assert not list(tmp_path.glob("index-*.npz"))  # nothing indexed for a refused manifest
+
+
+def test_when_no_child_can_run_the_manifest_is_parsed_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = fragmented(tmp_path)
+    monkeypatch.setattr(manifest_index, "CHILD_PARSE_FROM", 0)
+    monkeypatch.setattr(manifest_index.sys, "executable", str(tmp_path / "no-such-python"))
+    store = Store(data)
+    store.scan()
+    ((_, model),) = store.models.items()
+    assert model.complete and len(list((data / ".gguf-swarm" / "index").iterdir())) == 1
