@@ -101,6 +101,9 @@ class FragmentTable(Sequence["FragmentEntry"]):
         only a checksum prefix), and which are real."""
         return self._sha, self._has_sha.tolist()
 
+    def has_block_roots(self) -> list[bool]:
+        return self._has_root.tolist()  # type: ignore[no-any-return]
+
     def block_roots(self) -> list[str | None]:
         text = self._root.hex()
         return [text[64 * i : 64 * i + 64] if has else None for i, has in enumerate(self._has_root.tolist())]

@@ -7,6 +7,7 @@ stops it and closes the host (without `close()` py-libp2p leaks a socket).
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -92,7 +93,6 @@ class Node:
         self.store = store
         self.server = server
         self._model_queue: deque[str] = deque()
-        self._fragment_queue: deque[str] = deque()  # single fragments, completed by a pull
         self._queued: set[str] = set()
         # Model CID -> the next of its fragments to announce. A cursor, not a
         # queue of CIDs: twenty 40,000-fragment models queued 800,000 strings.
@@ -185,8 +185,13 @@ class Node:
         self._sweeps[model.cid] = 0  # from the first fragment again (a republish, a new holding)
         self._wake.set()
 
-    def announce_fragment(self, cid: str) -> None:
-        self._queue(cid, self._fragment_queue)
+    def announce_fragments(self, model: LocalModel) -> None:
+        """A pull completed fragments of `model`: sweep what is held of it once
+        no pull transfers (one lookup per keyspace region; a lookup per
+        fragment took hours at 40,000)."""
+        if model.cid not in self._sweeps:
+            self._sweeps[model.cid] = 0
+            self._wake.set()
 
     def _queue(self, key: str, queue: deque[str]) -> None:
         if key not in self._queued:
@@ -207,18 +212,14 @@ class Node:
             self._wake.set()
 
     def announcing_idle(self) -> bool:
-        return not (self._model_queue or self._fragment_queue or self._sweeps or self._wake.is_set())
+        return not (self._model_queue or self._sweeps or self._wake.is_set())
 
     def _next_key(self) -> str | None:
-        """The next single key to provide: a model CID, else (unless a pull
-        transfers) a fragment a pull completed; None when none is due.
-        Whole models' fragment CIDs go by sweeps (`_sweep`)."""
-        if self._model_queue:
-            key = self._model_queue.popleft()
-        elif self._fragment_queue and self._pulls_transferring == 0:
-            key = self._fragment_queue.popleft()
-        else:
+        """The next model CID to provide; None when none is due. Fragment
+        CIDs go by sweeps (`_sweep`)."""
+        if not self._model_queue:
             return None
+        key = self._model_queue.popleft()
         self._queued.discard(key)
         return key
 
@@ -240,7 +241,7 @@ class Node:
                 await self._wake.wait()
 
     async def _provide(self, key: str) -> None:
-        """One key, one lookup: model CIDs and single fragments."""
+        """One key, one lookup: model CIDs."""
         with trio.move_on_after(30):
             try:
                 if await self.dht.provide(key):
@@ -410,18 +411,25 @@ class _BanGate(INotifee):
 
 
 async def _index_models(node: Node) -> None:
-    """Read the data dir's model folders on a worker thread, one at a time;
-    each is served and announced as soon as it is read."""
+    """Read the data dir's model folders on worker threads, one per core (a
+    manifest never indexed before is parsed by a child process, so the cores
+    parse at once); each model is served and announced as soon as it is read."""
     start = trio.current_time()
     store = node.store
     cache = await trio.to_thread.run_sync(store.load_hash_cache)
-    for folder in await trio.to_thread.run_sync(store.model_folders):
-        model = await trio.to_thread.run_sync(store.read_folder, folder, cache)
+    limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
+
+    async def read(folder: Path) -> None:
+        model = await trio.to_thread.run_sync(store.read_folder, folder, cache, limiter=limiter)
         if model is None or model.cid in store.models:
-            continue  # unreadable (logged), or a pull began it meanwhile
+            return  # unreadable (logged), or a pull began it meanwhile
         store.add_model(model)
         if model.complete or any(model.have):  # a partial replica serves, so announces, its part
             node.announce_model(model)
+
+    async with trio.open_nursery() as nursery:
+        for folder in await trio.to_thread.run_sync(store.model_folders):
+            nursery.start_soon(read, folder)
     await trio.to_thread.run_sync(store.save_hash_cache, cache)
     node.index_seconds = trio.current_time() - start
     node.indexed.set()

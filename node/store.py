@@ -37,13 +37,14 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from fragmenter import FragmenterError, Manifest
 from fragmenter.fragment_table import FragmentTable
 from fragmenter.fsio import WRITEBACK_FROM, fsync_dir, start_writeback, sync_filesystem
-from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME, parse_manifest_bytes
+from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME
 from fragmenter.split import model_file_name
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
 from protocol.cid import InvalidCID, cid_from_digest, cid_from_hex, cid_of, cids_from_hex, digest_of_cid
@@ -153,7 +154,9 @@ class Store:
     data_dir: Path
     models: dict[str, LocalModel] = field(default_factory=dict)
     # path -> record of a file checked against its full hash (kept on disk per folder: verified_state.py)
-    _verified: dict[str, FileRecord] = field(default_factory=dict)
+    # folder -> file name -> record: the name is the record's own string, and a
+    # flush or a removal touches one folder's records, not every model's.
+    _verified: dict[str, dict[str, FileRecord]] = field(default_factory=dict)
     _dirty: set[Path] = field(default_factory=set)  # folders whose record on disk is behind
     hashed_bytes: int = 0  # bytes of complete files hashed whole to check them (tests and benchmarks read it)
 
@@ -216,14 +219,13 @@ class Store:
             if index_path is not None:
                 manifest_index.save(index_path, model_cid, manifest)
         else:
-            raw = (folder / MANIFEST_NAME).read_bytes()
-            model_cid = cid_of(raw)
-            manifest = None if index_path is None else manifest_index.load(index_path, model_cid)
-            if manifest is None:
-                manifest = parse_manifest_bytes(raw, str(folder / MANIFEST_NAME))
-                if index_path is not None:
-                    manifest_index.save(index_path, model_cid, manifest)
-            del raw
+            where = str(folder / MANIFEST_NAME)
+            with open(where, "rb") as f:
+                manifest_index.check_size(f, where)
+                model_cid = manifest_index.cid_of_file(f)
+                manifest = None if index_path is None else manifest_index.load(index_path, model_cid)
+                if manifest is None:
+                    manifest = manifest_index.parse(f, model_cid, index_path, where)
         table = manifest.fragments
         assert isinstance(table, FragmentTable)
         # Whole columns, no entry per fragment: this runs for every fragment of every model at start.
@@ -311,7 +313,8 @@ class Store:
     def verified_blocks(self, path: Path) -> tuple[int, bytes] | None:
         """(block size, block digests) of this file if it was checked against its full
         hash as it is now on disk (same size, mtime and inode); else None."""
-        record = self._verified.get(str(path))
+        folder, name = os.path.split(path)
+        record = self._verified.get(folder, {}).get(name)
         if record is None:
             return None
         try:
@@ -328,14 +331,16 @@ class Store:
         except OSError:
             return  # gone meanwhile: it will be checked again if it comes back
         size, mtime_ns, ino = verified_state.signature(st)
-        record = FileRecord(path.name, size, mtime_ns, ino, block_size, digests)
+        folder, name = os.path.split(path)
+        record = FileRecord(name, size, mtime_ns, ino, block_size, digests)
         with self._lock:
-            self._verified[str(path)] = record
+            self._verified.setdefault(folder, {})[name] = record
             self._dirty.add(path.parent)
 
     def forget_verified(self, path: Path) -> None:
+        folder, name = os.path.split(path)
         with self._lock:
-            if self._verified.pop(str(path), None) is not None:
+            if self._verified.get(folder, {}).pop(name, None) is not None:
                 self._dirty.add(path.parent)
 
     def verified_files(self, model: LocalModel) -> int:
@@ -349,6 +354,10 @@ class Store:
             self.hashed_bytes += n
 
     # ---- the verified record on disk -------------------------------------
+
+    def pulled_index_path(self, cid: str) -> Path | None:
+        """Where the parsed manifest of model `cid` is kept once a pull begins it."""
+        return self._index_path(self.data_dir / cid)
 
     def _index_path(self, folder: Path) -> Path | None:
         # Like the verified records: one per model folder of the data dir.
@@ -389,11 +398,10 @@ class Store:
         folder = str(model.folder)  # plain strings: pathlib costs more than the stat, at 4,000 files
         trusted = {}
         for r in records:
-            path_str = os.path.join(folder, r.name)
-            if _trusted(path_str, r, expected.get(r.name), block_size):
-                trusted[path_str] = r
+            if _trusted(os.path.join(folder, r.name), r, expected.get(r.name), block_size):
+                trusted[r.name] = r
         with self._lock:
-            self._verified.update(trusted)
+            self._verified.setdefault(folder, {}).update(trusted)
 
     def _pulling_path(self, folder: Path) -> Path | None:
         return self.state_dir / _PULLING_DIR / folder.name if folder.parent == self.data_dir else None
@@ -424,11 +432,7 @@ class Store:
             dirty, self._dirty = self._dirty, set()
             if not dirty:
                 return
-            by_folder: dict[str, list[FileRecord]] = {str(f): [] for f in dirty}
-            for key, record in self._verified.items():
-                records = by_folder.get(os.path.dirname(key))
-                if records is not None:
-                    records.append(record)
+            by_folder = {str(f): list(self._verified.get(str(f), {}).values()) for f in dirty}
         models = {m.folder: m for m in list(self.models.values())}  # list(): models are added meanwhile
         cids = {folder: m.cid for folder, m in models.items()}
         try:
@@ -474,30 +478,33 @@ class Store:
 
     # ---- writing pulled models ------------------------------------------
 
-    def begin_model(self, cid: str, manifest_bytes: bytes, manifest: Manifest | None = None) -> LocalModel:
-        """Create (or reopen, to resume) the folder a pull writes into. `manifest`:
-        `manifest_bytes` parsed already (by the caller that checked them against
-        `cid`): not read back and parsed again (30 MB and 0.6 s at 40,000 fragments)."""
+    def begin_model(self, cid: str, manifest_bytes: bytes | BinaryIO, manifest: Manifest | None = None) -> LocalModel:
+        """Create (or reopen, to resume) the folder a pull writes into.
+        `manifest_bytes`: what hashes to `cid`, or a file of it (copied, never
+        held whole). `manifest`: that parsed already (by the caller that checked
+        it against `cid`): not read back and parsed again (30 MB and 0.6 s at
+        40,000 fragments)."""
         if cid in self.models:
             return self.models[cid]
         folder = self.data_dir / cid
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / MANIFEST_NAME).exists():
             _write_atomic(folder / MANIFEST_NAME, manifest_bytes)
-        elif manifest is not None and cid_of((folder / MANIFEST_NAME).read_bytes()) != cid:
+        elif manifest is not None and _file_cid(folder / MANIFEST_NAME) != cid:
             manifest = None  # another manifest under this CID's name: read what is there, as any folder
         model = self._read_folder(folder, {}, (cid, manifest) if manifest is not None else None)
         self._index(model)
         return model
 
-    def write_file(self, model: LocalModel, index: int, data: bytes) -> None:
-        """Write verified bytes under their final name (index -1: the header)."""
+    def write_file(self, model: LocalModel, index: int, data: bytes, digests: bytes | None = None) -> None:
+        """Write verified bytes under their final name (index -1: the header);
+        `digests`: their blocks' (of BLOCK_SIZE), if the caller has them."""
         name = HEADER_NAME if index == -1 else model.manifest.fragments[index].file_name
         path = model.folder / name
         _write_atomic(path, data, durable=False)  # made durable in batches, before its record (flush_verified)
         if index == -1 or model.manifest.fragments[index].sha256 is not None:
             # Checked against a full SHA-256 just now: serving it need hash only the blocks it reads.
-            self.mark_verified(path, BLOCK_SIZE, block_digests(data))
+            self.mark_verified(path, BLOCK_SIZE, block_digests(data) if digests is None else digests)
         else:
             with self._lock:
                 self._dirty.add(path.parent)  # no record to save, but the next batch makes it durable
@@ -528,10 +535,8 @@ class Store:
         trash = self.data_dir / f"{REMOVING_PREFIX}{folder.name}.{uuid.uuid4().hex[:12]}"
         os.rename(folder, trash)
         fsync_dir(self.data_dir)
-        prefix = str(folder) + os.sep
         with self._lock:
-            for key in [k for k in self._verified if k.startswith(prefix)]:
-                del self._verified[key]
+            self._verified.pop(str(folder), None)
             self._dirty.discard(folder)
         for path in (self._verified_path(folder), self._index_path(folder)):
             if path is not None:
@@ -565,19 +570,24 @@ class Store:
             _write_atomic(self.state_dir / _HASH_CACHE, json.dumps(cache).encode())
 
 
-def _write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write `path` whole under a temporary name, then rename it into place;
-    `durable`: fsync the file and its folder too."""
+def _write_atomic(path: Path, data: bytes | BinaryIO, durable: bool = True) -> None:
+    """Write `path` whole (`data`, or the whole of a file of it) under a
+    temporary name, then rename it into place; `durable`: fsync the file and
+    its folder too."""
     # A name of its own per write: two copies of one fragment (endgame) may be
     # verified on two threads at once, and each must land whole.
     tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data.seek(0)
+                shutil.copyfileobj(data, f, 1 << 20)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-            elif len(data) >= WRITEBACK_FROM:
+            elif f.tell() >= WRITEBACK_FROM:
                 start_writeback(f.fileno())  # durable at the next batch's sync; most of it on disk by then
         os.replace(tmp, path)
     except OSError as e:
@@ -588,6 +598,11 @@ def _write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def _file_cid(path: Path) -> str:
+    with open(path, "rb") as f:
+        return manifest_index.cid_of_file(f)
 
 
 def _size_of(path: Path | str) -> int:
