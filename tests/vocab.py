@@ -75,26 +75,45 @@ def llama_cpp_vocab_dir() -> Path:
     return target
 
 
-def _download_sdist(into: Path) -> Path:
+class SdistUnavailable(Exception):
+    """The pinned sdist cannot be had (no network, say); `fatal`: it can, but is not the pinned one."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+def download_sdist(into: Path) -> Path:
+    """The pinned llama-cpp-python sdist, downloaded into `into`; SdistUnavailable if not."""
     requirements = into / "requirements.txt"
     requirements.write_text(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} --hash=sha256:{SDIST_SHA256}\n")
     # --no-binary for this one package only: its build dependencies (needed by pip
     # to read the sdist's metadata) then come as wheels, in seconds, not built.
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python"]
     cmd += ["--require-hashes", "-r", str(requirements), "-d", str(into), "--quiet", "--retries", "2"]
+    what = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
-        pytest.skip(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist: download timed out")
+        raise SdistUnavailable(f"{what}: download timed out") from None
     if proc.returncode != 0:
         if "DO NOT MATCH THE HASHES" in proc.stderr:
-            pytest.fail(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist does not match its pinned sha256")
+            raise SdistUnavailable(f"{what} does not match its pinned sha256", fatal=True)
         last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-        pytest.skip(f"cannot download the llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist (no network?): {last}")
+        raise SdistUnavailable(f"cannot download the {what} (no network?): {last}")
     found = list(into.glob("llama_cpp_python-*.tar.gz"))
     if len(found) != 1:
-        pytest.fail(f"pip download left {[p.name for p in into.iterdir()]}, expected one llama_cpp_python sdist")
+        raise SdistUnavailable(f"pip download left {[p.name for p in into.iterdir()]}, expected one sdist", fatal=True)
     return found[0]
+
+
+def _download_sdist(into: Path) -> Path:
+    try:
+        return download_sdist(into)
+    except SdistUnavailable as e:
+        if e.fatal:
+            pytest.fail(str(e))
+        pytest.skip(str(e))
 
 
 def _extract_vocab_files(sdist: Path, into: Path) -> None:
