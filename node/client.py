@@ -66,6 +66,20 @@ class Session:
         await stream_body(self.stream, self._decoder, answer.size, sink, self.stall_timeout)
         return answer.size
 
+    async def read_range(self, size: int, total: int | None) -> tuple[bytes, int]:
+        """The next answer, which must be Data of exactly `size` bytes carrying a
+        total (a manifest range's); `total`: what the total must be, if known.
+        Returns the body and the total."""
+        answer = await self._answer()
+        if not isinstance(answer, Data) or answer.total is None:
+            raise ProtocolError(f"expected a data range, got {answer!r}"[:200])
+        if total is not None and answer.total != total:
+            raise ProtocolError(f"peer says the manifest has {answer.total} bytes, not {total}")
+        if answer.size != size and not (total is None and answer.size == min(size, answer.total)):
+            raise ProtocolError(f"peer announced {answer.size} bytes for a range of {size}")
+        body = bytes(await read_body(self.stream, self._decoder, answer.size, self.stall_timeout))
+        return body, answer.total
+
     async def read_have(self) -> Have:
         answer = await self._answer()
         if not isinstance(answer, Have):

@@ -9,10 +9,8 @@ that were still partial (blockstore.py hashes them again on resume).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,15 +21,15 @@ import trio
 from libp2p.peer.id import ID
 
 from fragmenter import FragmenterError, Manifest
-from fragmenter.manifest import HEADER_NAME, MAX_MANIFEST_BYTES
+from fragmenter.manifest import HEADER_NAME
 from fragmenter.selection import Selection
 from fragmenter.tokenizer import TOKENIZER_JSON
-from protocol import HaveRequest, ManifestRequest
-from protocol.cid import cid_from_digest
+from protocol import HaveRequest
 
 from . import manifest_index
-from .client import Session, request_have
+from .client import request_have
 from .host import NodeError
+from .manifest_fetch import fetch_manifest_file
 from .node import Node
 from .store import LocalModel
 from .swarm import ModelSwarm, SwarmFailed, Want
@@ -234,11 +232,8 @@ async def _holders_among(node: Node, model_cid: str, peers: list[ID]) -> list[ID
     return holders
 
 
-MANIFEST_STAGGER = 3.0  # a holder still sending the manifest after this long gets company
-
-
 async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalModel:
-    with await _fetch_manifest_file(node, model_cid, peers) as spool:
+    with (await fetch_manifest_file(node, model_cid, peers))[0] as spool:
         manifest = await trio.to_thread.run_sync(
             _parse_fetched, spool, model_cid, node.store.pulled_index_path(model_cid)
         )
@@ -246,9 +241,8 @@ async def _fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> LocalM
 
 
 async def fetch_manifest(node: Node, model_cid: str, peers: list[ID]) -> tuple[bytes, Manifest]:
-    """The manifest's bytes from the first holder whose bytes hash to the CID
-    (see `_fetch_manifest_file`), and what they parse to."""
-    with await _fetch_manifest_file(node, model_cid, peers) as spool:
+    """The manifest's bytes, from its holders (manifest_fetch.py), and what they parse to."""
+    with (await fetch_manifest_file(node, model_cid, peers))[0] as spool:
         manifest = await trio.to_thread.run_sync(_parse_fetched, spool, model_cid, None)
         spool.seek(0)
         return spool.read(), manifest
@@ -262,74 +256,6 @@ def _parse_fetched(spool: BinaryIO, model_cid: str, index_path: Path | None) -> 
     if manifest.raw.get("header_sha256") is None:
         raise NodeError("the manifest has no header_sha256; cannot fetch gguf_header.dat safely")
     return manifest
-
-
-async def _fetch_manifest_file(node: Node, model_cid: str, peers: list[ID]) -> BinaryIO:
-    """An unnamed temporary file (the caller closes it) holding the manifest
-    from the first holder whose bytes hash to the CID. Holders are asked in
-    turn, a new one every MANIFEST_STAGGER seconds while the earlier ones are
-    still sending, so a holder that trickles (or stalls) costs seconds, not its
-    whole timeout. Bodies stream into such files, hashed on the way: several
-    hostile holders sending the largest allowed manifest at once cost disk,
-    not memory, and leave nothing behind; nor is the winner ever held whole
-    in memory (30 MB at 40,000 fragments)."""
-    winner: list[BinaryIO] = []
-    local_errors: list[OSError] = []
-    node.store.state_dir.mkdir(parents=True, exist_ok=True)
-
-    async def fetch(peer: ID, done: trio.Event) -> None:
-        spool = tempfile.TemporaryFile(dir=node.store.state_dir, buffering=0)
-        try:
-            digest = hashlib.sha256()
-
-            def sink(data: bytes) -> None:
-                digest.update(data)
-                view = memoryview(data)
-                try:
-                    while view:  # unbuffered: a full disk fails here, not at some later flush
-                        view = view[spool.write(view) :]
-                except OSError as e:
-                    local_errors.append(e)  # our disk, not the peer: no other holder will do better
-                    raise
-
-            try:
-                with trio.fail_after(60):
-                    session = await Session.open(node.host, peer)
-                    try:
-                        await session.send(ManifestRequest(model_cid))
-                        await session.read_data_to(sink, MAX_MANIFEST_BYTES)
-                    finally:
-                        await session.close()
-            except Exception as e:
-                if local_errors:
-                    nursery.cancel_scope.cancel()
-                else:
-                    log.info("manifest from %s failed: %r", peer, e)
-                return
-            finally:
-                done.set()
-            if cid_from_digest(digest.digest()) != model_cid:
-                log.warning("peer %s sent a manifest that does not match %s", peer, model_cid)
-            elif not winner:
-                winner.append(spool)  # hashes to the CID: the publisher's own bytes
-                nursery.cancel_scope.cancel()
-        finally:
-            if not winner or winner[0] is not spool:
-                spool.close()
-
-    async with trio.open_nursery() as nursery:
-        for peer in peers:
-            done = trio.Event()
-            nursery.start_soon(fetch, peer, done)
-            with trio.move_on_after(MANIFEST_STAGGER):
-                await done.wait()
-    if local_errors:
-        for spool in winner:
-            spool.close()
-        raise NodeError(f"cannot write into {node.store.state_dir}: {local_errors[0].strerror or local_errors[0]}")
-    if not winner:
-        raise NodeError(f"no peer sent a manifest matching {model_cid}")
-    return winner[0]
 
 
 async def _recheck_unrecorded(node: Node, model: LocalModel) -> None:

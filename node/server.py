@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 _WRITE = 1 << 20
 MAX_ASKERS = 200  # remembered per model
 INDEX_WAIT = 30.0  # seconds a request for a model not yet indexed waits for the index
+MANIFEST_RANGE_MAX = 4 << 20  # bytes of a manifest one ranged request gets at most (a reply held in memory)
 
 
 @dataclass
@@ -156,11 +157,21 @@ class FragmentServer:
     async def _answer(self, stream: INetStream, request: Message) -> None:
         if isinstance(request, ManifestRequest):
             model = await self.model(request.model_cid)
-            data = None if model is None else await trio.to_thread.run_sync(model.read_manifest_bytes)
-            if data is None:
+            if model is None:
                 await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
+            elif request.ranged:
+                length = MANIFEST_RANGE_MAX if request.length is None else min(request.length, MANIFEST_RANGE_MAX)
+                found = await trio.to_thread.run_sync(model.read_manifest_range, request.offset, length)
+                if found is None or request.offset > found[1]:
+                    await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "no such manifest range")))
+                else:
+                    await self._send_body(stream, found[0], total=found[1])
             else:
-                await self._send_body(stream, data)
+                data = await trio.to_thread.run_sync(model.read_manifest_bytes)
+                if data is None:
+                    await self._write(stream, encode_frame(Error(ErrorCode.NOT_FOUND, "unknown model")))
+                else:
+                    await self._send_body(stream, data)
         elif isinstance(request, HaveRequest):
             model = await self.model(request.model_cid)
             if model is None:
@@ -204,8 +215,8 @@ class FragmentServer:
             return
         await self._send_body(stream, data)
 
-    async def _send_body(self, stream: INetStream, data: bytes) -> None:
-        await self._write(stream, encode_frame(Data(len(data))))
+    async def _send_body(self, stream: INetStream, data: bytes, total: int | None = None) -> None:
+        await self._write(stream, encode_frame(Data(len(data), total)))
         view = memoryview(data)
         for start in range(0, len(data), _WRITE):
             chunk = bytes(view[start : start + _WRITE])

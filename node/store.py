@@ -86,6 +86,9 @@ class LocalModel:
     # fragment by CID with one binary search.
     _prefixes: np.ndarray = field(init=False, repr=False)
     _order: np.ndarray = field(init=False, repr=False)
+    # (size, mtime_ns, inode) of manifest.json when it was last seen to hash to
+    # the CID: ranges of it are served without hashing 30 MB per range.
+    _manifest_signature: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         prefixes = np.frombuffer(self.digests, dtype=">u8")[::4] if self.digests else np.zeros(0, ">u8")
@@ -132,10 +135,29 @@ class LocalModel:
         CID. Read when asked, not held: a 40,000-fragment manifest is 30 MB, and
         a seed holds twenty models."""
         try:
-            data = (self.folder / MANIFEST_NAME).read_bytes()
+            with open(self.folder / MANIFEST_NAME, "rb") as f:
+                before = verified_state.signature(os.fstat(f.fileno()))
+                data = f.read()
         except OSError:
             return None
-        return data if cid_of(data) == self.cid else None
+        if cid_of(data) != self.cid:
+            return None
+        self._manifest_signature = before
+        return data
+
+    def read_manifest_range(self, offset: int, length: int) -> tuple[bytes, int] | None:
+        """Bytes [offset, offset + length) of the manifest (fewer at its end) and
+        its whole size; None when it no longer hashes to the model CID (checked
+        whole only when the file changed since it last did)."""
+        path = self.folder / MANIFEST_NAME
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if verified_state.signature(st) != self._manifest_signature and self.read_manifest_bytes() is None:
+                    return None
+                return os.pread(f.fileno(), max(0, min(length, st.st_size - offset)), offset), st.st_size
+        except OSError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -214,6 +236,7 @@ class Store:
     ) -> LocalModel:
         """`parsed`: (CID, manifest) of the folder's manifest, known already."""
         index_path = self._index_path(folder)
+        signature: tuple[int, int, int] | None = None
         if parsed is not None:
             model_cid, manifest = parsed
             if index_path is not None:
@@ -222,7 +245,10 @@ class Store:
             where = str(folder / MANIFEST_NAME)
             with open(where, "rb") as f:
                 manifest_index.check_size(f, where)
+                signature = verified_state.signature(os.fstat(f.fileno()))
                 model_cid = manifest_index.cid_of_file(f)
+                if verified_state.signature(os.fstat(f.fileno())) != signature:
+                    signature = None  # changed while hashed: ranges of it are checked whole first
                 manifest = None if index_path is None else manifest_index.load(index_path, model_cid)
                 if manifest is None:
                     manifest = manifest_index.parse(f, model_cid, index_path, where)
@@ -256,6 +282,7 @@ class Store:
             have=have,
             header_present=header_present,
         )
+        model._manifest_signature = signature
         self._load_verified(model)
         return model
 

@@ -10,11 +10,14 @@ One request per stream:
 
     client                              server
     ManifestRequest(model)     ->       Data(size) + manifest bytes | Error
+    ManifestRequest(model, off, len) -> Data(size, total) + those bytes | Error
     HaveRequest(model)         ->       Have(count, bitfield)      | Error
     FetchingRequest(model)     ->       Have(count, bitfield of fragments being fetched) | Error
 
-FetchingRequest is newer than the rest: a node that predates it answers
-BAD_REQUEST and resets the stream, so ask it last on a stream.
+FetchingRequest and ranged ManifestRequests are newer than the rest: a node
+that predates them answers BAD_REQUEST and resets the stream, so ask them last
+on a stream (or on a stream of their own). A ranged answer's `total` is the
+manifest's size, so a puller learns it from its first range.
     FragmentRequest(cid, off, len) ->   Data(size) + bytes         | Error
 """
 
@@ -44,6 +47,12 @@ class ProtocolError(Exception):
 @dataclass(frozen=True)
 class ManifestRequest:
     model_cid: str
+    offset: int = 0
+    length: int | None = None  # None with offset 0: the whole manifest, as older nodes ask
+
+    @property
+    def ranged(self) -> bool:
+        return self.offset != 0 or self.length is not None
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class Have:
 @dataclass(frozen=True)
 class Data:
     size: int  # raw bytes that follow this frame
+    total: int | None = None  # a manifest range's: the whole manifest's size
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,12 @@ Message = Request | Response
 
 def to_wire(msg: Message) -> dict[str, Any]:
     if isinstance(msg, ManifestRequest):
-        return {"t": "manifest", "model": msg.model_cid}
+        m: dict[str, Any] = {"t": "manifest", "model": msg.model_cid}
+        if msg.ranged:  # only then: a whole-manifest request stays what older nodes accept
+            m["offset"] = msg.offset
+            if msg.length is not None:
+                m["length"] = msg.length
+        return m
     if isinstance(msg, HaveRequest):
         return {"t": "have?", "model": msg.model_cid}
     if isinstance(msg, FetchingRequest):
@@ -103,7 +118,11 @@ def to_wire(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Have):
         return {"t": "have", "count": msg.count, "bits": msg.bitfield}
     if isinstance(msg, Data):
-        return {"t": "data", "size": msg.size}
+        return (
+            {"t": "data", "size": msg.size}
+            if msg.total is None
+            else {"t": "data", "size": msg.size, "total": msg.total}
+        )
     if isinstance(msg, Error):
         return {"t": "error", "code": int(msg.code), "message": msg.message}
     raise TypeError(f"not a protocol message: {msg!r}")
@@ -136,12 +155,12 @@ def _count(d: dict[Any, Any], name: str, limit: int) -> int:
 
 
 _KNOWN_FIELDS = {
-    "manifest": {"t", "model"},
+    "manifest": {"t", "model", "offset", "length"},
     "have?": {"t", "model"},
     "fetching?": {"t", "model"},
     "get": {"t", "cid", "offset", "length"},
     "have": {"t", "count", "bits"},
-    "data": {"t", "size"},
+    "data": {"t", "size", "total"},
     "error": {"t", "code", "message"},
 }
 
@@ -156,7 +175,9 @@ def from_wire(d: Any) -> Message:
     if not set(d) <= _KNOWN_FIELDS[kind]:
         raise ProtocolError(f"unexpected fields in {kind!r}")
     if kind == "manifest":
-        return ManifestRequest(_cid(d, "model"))
+        length = _count(d, "length", MAX_FRAGMENT_BYTES) if "length" in d else None
+        offset = _count(d, "offset", MAX_FRAGMENT_BYTES) if "offset" in d else 0
+        return ManifestRequest(_cid(d, "model"), offset, length)
     if kind == "have?":
         return HaveRequest(_cid(d, "model"))
     if kind == "fetching?":
@@ -170,7 +191,11 @@ def from_wire(d: Any) -> Message:
         validate_bitfield(bits, count)
         return Have(count, bits)
     if kind == "data":
-        return Data(_count(d, "size", MAX_FRAGMENT_BYTES))
+        size = _count(d, "size", MAX_FRAGMENT_BYTES)
+        total = _count(d, "total", MAX_FRAGMENT_BYTES) if "total" in d else None
+        if total is not None and total < size:
+            raise ProtocolError("data total smaller than its size")
+        return Data(size, total)
     code = _field(d, "code", int)
     message = _field(d, "message", str)[:500]
     try:

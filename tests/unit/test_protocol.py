@@ -27,6 +27,7 @@ from protocol import (
     encode_frame,
 )
 from protocol.framing import MAX_FRAME
+from protocol.messages import to_wire
 
 CID = cid_of(b"hello")
 
@@ -41,14 +42,23 @@ def test_frame_golden_bytes() -> None:
     assert encode_frame(Data(5)) == b"\x00\x00\x00\x0e" + msgpack.packb({"t": "data", "size": 5})
 
 
+def test_a_whole_manifest_request_is_what_older_nodes_accept() -> None:
+    # Ranges were added later: only a ranged request carries offset and length.
+    assert to_wire(ManifestRequest(CID)) == {"t": "manifest", "model": CID}
+    assert to_wire(ManifestRequest(CID, 0, 10)) == {"t": "manifest", "model": CID, "offset": 0, "length": 10}
+
+
 MESSAGES = [
     ManifestRequest(CID),
+    ManifestRequest(CID, 1 << 20, 1 << 20),
+    ManifestRequest(CID, 0, 4096),
     HaveRequest(CID),
     FetchingRequest(CID),
     FragmentRequest(CID),
     FragmentRequest(CID, 10, 20),
     Have(10, encode_bitfield([True, False] * 5)),
     Data(123),
+    Data(123, 5000),
     Error(ErrorCode.NOT_FOUND, "no such fragment"),
 ]
 
@@ -86,6 +96,8 @@ def test_bitfield_round_trip(bits: list[bool]) -> None:
         {"t": "have", "count": 4, "bits": b"\xff"},  # spare bits set
         {"t": "data", "size": 1 << 40},
         {"t": "manifest"},
+        {"t": "manifest", "model": CID, "offset": -1},
+        {"t": "data", "size": 10, "total": 9},  # a range larger than the whole
     ],
 )
 def test_invalid_frames_are_protocol_errors(obj: object) -> None:
