@@ -393,11 +393,11 @@ class ModelBlocks:
         if not spec.matches(hashlib.sha256(data).hexdigest()):
             raise BadManifest(f"{spec.name}: block matches the manifest's block_root but not its sha256")
         digests = block_digests(data, self.layout.block_size)
-        # One bytes object for both records of the file's blocks (ours and the store's).
         same = self.layout.block_size == BLOCK_SIZE
         self.store.write_file(self.model, k if k < self.n else -1, data, digests if same else None)
-        if spec.root is not None:
-            self.digests[k] = digests
+        recorded = same and (k == self.n or spec.sha256 is not None)  # the store's record holds them (write_file)
+        if spec.root is not None and not recorded:
+            self.digests[k] = digests  # else file_digests finds them in that record: not held twice
         self._mark_file(k)
 
     def _set_complete(self, k: int, path: Path) -> None:

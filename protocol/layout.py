@@ -10,6 +10,7 @@ its SHA-256. Pure arithmetic; the node and the session state machine share it.
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,9 +30,10 @@ class BlockLayout:
         if len(sizes) != len(blocked):
             raise ValueError("sizes and blocked differ in length")
         self.block_size = block_size
-        self.sizes = list(sizes)
-        self.blocked = list(blocked)
-        self.first: list[int] = []  # first global block of each file
+        # Arrays, not lists of ints: 40,000 files cost 8 bytes each here, not ~40.
+        self.sizes = array("q", sizes)
+        self.blocked = bytes(bool(b) for b in blocked)
+        self.first = array("q")  # first global block of each file
         total = 0
         for size, has_root in zip(self.sizes, self.blocked, strict=True):
             self.first.append(total)
