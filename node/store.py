@@ -145,15 +145,29 @@ class LocalModel:
         self._manifest_signature = before
         return data
 
+    def manifest_size(self) -> int | None:
+        """The manifest file's size, if it hashes to the model CID: hashed (in
+        chunks, never held) only when the file changed since it last did."""
+        try:
+            with open(self.folder / MANIFEST_NAME, "rb") as f:
+                before = verified_state.signature(os.fstat(f.fileno()))
+                if before != self._manifest_signature:
+                    if manifest_index.cid_of_file(f) != self.cid:
+                        return None
+                    if verified_state.signature(os.fstat(f.fileno())) != before:
+                        return None  # changed while hashed
+                    self._manifest_signature = before
+                return before[0]
+        except OSError:
+            return None
+
     def read_manifest_range(self, offset: int, length: int) -> tuple[bytes, int] | None:
         """Bytes [offset, offset + length) of the manifest (fewer at its end) and
-        its whole size; None when it no longer hashes to the model CID (checked
-        whole only when the file changed since it last did)."""
-        path = self.folder / MANIFEST_NAME
+        its whole size; None when it no longer hashes to the model CID."""
         try:
-            with open(path, "rb") as f:
+            with open(self.folder / MANIFEST_NAME, "rb") as f:
                 st = os.fstat(f.fileno())
-                if verified_state.signature(st) != self._manifest_signature and self.read_manifest_bytes() is None:
+                if verified_state.signature(st) != self._manifest_signature and self.manifest_size() is None:
                     return None
                 return os.pread(f.fileno(), max(0, min(length, st.st_size - offset)), offset), st.st_size
         except OSError:

@@ -8,14 +8,16 @@ from typing import Any
 
 import pytest
 import trio
+from gguf import GGMLQuantizationType as T
 
 import fragmenter as fr
 import node.pull as pull_module
 from fragmenter.manifest import MAX_MANIFEST_BYTES
 from node.client import RemoteError, Session
 from node.pull import PullOptions, pull_model
-from protocol import PROTOCOL_ID, Data, HaveRequest, encode_frame
+from protocol import PROTOCOL_ID, Data, HaveRequest, ManifestRequest, encode_frame
 from tests.conftest import sha256_file
+from tests.gguf_factory import write_model
 from tests.integration.test_swarm import model_folder, node_at
 
 
@@ -122,3 +124,29 @@ async def test_holders_sending_huge_wrong_manifests_cost_no_memory(tmp_path: Pat
         assert not list(puller.store.state_dir.iterdir()) or all(
             not p.name.startswith("tmp") for p in puller.store.state_dir.iterdir()
         )
+
+
+async def test_peers_asking_for_a_large_manifest_and_not_reading_cost_the_seed_little(tmp_path: Path) -> None:
+    """Every upload slot asked for the whole of a ~3 MB manifest by peers that
+    never read: the seed reads it a piece at a time, so it holds ~1 MiB per
+    slot, not the manifest per slot (which was ~100 MB here, ~1 GB at 40,000
+    fragments)."""
+    tensors = [(f"blk.{i}.ffn_up.weight", T.F32, (1024, 2048)) for i in range(4)]
+    model = write_model(tmp_path / "many.gguf", tensors, vocab=False)
+    fr.fragment_model(model, tmp_path / "seed" / "many", chunk_size=8192)
+    manifest_size = (tmp_path / "seed" / "many" / "manifest.json").stat().st_size
+    assert manifest_size > 2_500_000
+    async with AsyncExitStack() as stack:
+        seed = await stack.enter_async_context(node_at(tmp_path / "seed"))
+        cid = next(iter(seed.store.models))
+        askers = [await stack.enter_async_context(node_at(tmp_path / f"a{i}", seed.addrs()[:1])) for i in range(4)]
+        streams = []
+        before = rss_bytes()
+        for asker in askers:
+            for _ in range(8):  # a peer's share of the upload slots
+                stream = await asker.host.new_stream(seed.peer_id, [PROTOCOL_ID])
+                await stream.write(encode_frame(ManifestRequest(cid)))
+                streams.append(stream)
+        await trio.sleep(2)  # every answer started, each stuck once the stream's window is full
+        grown = rss_bytes() - before
+        assert grown < 32 * manifest_size // 2, f"seed grew {grown >> 20} MiB for {len(streams)} stuck answers"
