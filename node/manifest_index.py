@@ -26,8 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -126,14 +128,20 @@ def check_size(source: BinaryIO, where: str) -> int:
     return size
 
 
-def parse(source: BinaryIO, model_cid: str, index_path: Path | None, where: str) -> Manifest:
+def parse(
+    source: BinaryIO, model_cid: str, index_path: Path | None, where: str, pool: ParserPool | None = None
+) -> Manifest:
     """The manifest in `source` (a file whose bytes hash to `model_cid`), parsed
     and checked, its index saved at `index_path` (None: none kept). Large
-    ones are parsed by a child process (see above); ManifestError, in the
-    parser's own words, when it is refused either way."""
+    ones are parsed by a child process (see above), one of `pool`'s when
+    given (`where` is then the file's path); ManifestError, in the parser's
+    own words, when it is refused either way."""
     size = check_size(source, where)
     if index_path is not None and size >= CHILD_PARSE_FROM:
-        manifest = _parse_in_child(source, model_cid, index_path, where)
+        if pool is not None:
+            manifest = _reply_to_manifest(pool.parse(where, model_cid, index_path), model_cid, index_path)
+        else:
+            manifest = _parse_in_child(source, model_cid, index_path, where)
         if manifest is not None:
             return manifest
     source.seek(0)
@@ -158,31 +166,137 @@ def _parse_in_child(source: BinaryIO, model_cid: str, index_path: Path, where: s
     except (OSError, subprocess.SubprocessError) as e:
         log.info("manifest parser process failed (%s); parsing here", e)
         return None
-    if done.returncode == _REJECTED:
-        raise ManifestError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{where}: refused")
-    manifest = load(index_path, model_cid) if done.returncode == 0 else None
+    lines = done.stderr.strip().splitlines()
+    return _reply_to_manifest((done.returncode, lines[-1] if lines else f"{where}: refused"), model_cid, index_path)
+
+
+def _reply_to_manifest(reply: tuple[int, str] | None, model_cid: str, index_path: Path) -> Manifest | None:
+    """A child's (status, message) made the manifest its index holds; raises its
+    refusal; None when it gave no verdict (the caller parses in this process)."""
+    if reply is None:
+        return None
+    status, message = reply
+    if status == _REJECTED:
+        raise ManifestError(message)
+    manifest = load(index_path, model_cid) if status == 0 else None
     if manifest is None:
-        log.info("manifest parser process ended with status %d (%s); parsing here", done.returncode, done.stderr[-300:])
+        log.info("manifest parser process ended with status %d (%s); parsing here", status, message[-300:])
     return manifest
+
+
+class ParserPool:
+    """Parser processes kept for a batch of manifests (a first start on a data
+    dir of large models): each starts once, not once a manifest (~0.26 s of
+    interpreter and imports each time). Worker threads borrow an idle one;
+    at most `size` run. A process that fails is dropped (its job then has no
+    verdict: the caller parses it itself)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._idle: queue.SimpleQueue[subprocess.Popen[str]] = queue.SimpleQueue()
+        self._started: list[subprocess.Popen[str]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> ParserPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def parse(self, path: str, model_cid: str, index_path: Path) -> tuple[int, str] | None:
+        """(status, message) of one manifest file parsed and indexed by a pool
+        process, as `_child_main` reports it; None when no process could."""
+        child = self._borrow()
+        if child is None:
+            return None
+        try:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(json.dumps([path, model_cid, str(index_path), path]) + "\n")
+            child.stdin.flush()
+            status, message = json.loads(child.stdout.readline())
+        except (OSError, ValueError) as e:
+            log.info("manifest parser process failed (%s)", e)
+            child.kill()
+            child.wait()
+            return None
+        self._idle.put(child)
+        return int(status), str(message)
+
+    def _borrow(self) -> subprocess.Popen[str] | None:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._closed:
+                return None
+            if len(self._started) < self._size:
+                try:
+                    child = subprocess.Popen(
+                        [sys.executable, "-m", "node.manifest_index", "--serve"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        text=True,
+                    )
+                except OSError as e:
+                    log.info("cannot start a manifest parser process (%s)", e)
+                    return None
+                self._started.append(child)
+                return child
+        try:
+            return self._idle.get(timeout=_CHILD_SECONDS)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            started, self._started = self._started, []
+        for child in started:
+            try:
+                if child.stdin is not None:
+                    child.stdin.close()  # end of jobs: it exits
+                child.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                child.kill()
+                child.wait()
+
+
+def _parse_and_save(data: bytes, model_cid: str, index_path: str, where: str) -> tuple[int, str]:
+    if cid_from_digest(hashlib.sha256(data).digest()) != model_cid:
+        return 1, f"{where}: the manifest changed while it was read"  # no verdict: the caller reads it itself
+    try:
+        manifest = parse_manifest_bytes(data, where)
+    except FragmenterError as e:
+        return _REJECTED, str(e).replace("\n", " ")
+    del data
+    save(Path(index_path), model_cid, manifest)
+    return 0, ""
 
 
 def _child_main(argv: list[str]) -> int:
     """`python -m node.manifest_index CID INDEX_PATH WHERE` < manifest: parse and
     check the manifest on stdin and save its index; the error on stderr and
-    status _REJECTED when it is refused."""
+    status _REJECTED when it is refused. `--serve`: jobs [path, CID,
+    INDEX_PATH, WHERE] as JSON lines on stdin, a [status, message] line for
+    each on stdout, until stdin ends (ParserPool)."""
+    if argv == ["--serve"]:
+        for line in sys.stdin:
+            path, model_cid, index_path, where = json.loads(line)
+            try:
+                with open(path, "rb") as f:
+                    reply = _parse_and_save(f.read(MAX_MANIFEST_BYTES + 1), model_cid, index_path, where)
+            except OSError as e:
+                reply = (1, f"{where}: {e.strerror or e}")
+            print(json.dumps(reply), flush=True)
+        return 0
     model_cid, index_path, where = argv
-    data = sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1)
-    if cid_from_digest(hashlib.sha256(data).digest()) != model_cid:
-        print(f"{where}: the manifest changed while it was read", file=sys.stderr)
-        return 1  # not a verdict on the manifest: the caller reads it again itself
-    try:
-        manifest = parse_manifest_bytes(data, where)
-    except FragmenterError as e:
-        print(str(e).replace("\n", " "), file=sys.stderr)
-        return _REJECTED
-    del data
-    save(Path(index_path), model_cid, manifest)
-    return 0
+    status, message = _parse_and_save(sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1), model_cid, index_path, where)
+    if message:
+        print(message, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

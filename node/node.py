@@ -25,6 +25,7 @@ from multiaddr import Multiaddr
 from protocol import PROTOCOL_ID, Error, ErrorCode
 from protocol.exchange import EXCHANGE_PROTOCOL_ID, encode_exchange
 
+from . import manifest_index
 from .blockstore import ModelBlocks
 from .dashboard import serve_dashboard
 from .host import (
@@ -412,24 +413,31 @@ class _BanGate(INotifee):
 
 async def _index_models(node: Node) -> None:
     """Read the data dir's model folders on worker threads, one per core (a
-    manifest never indexed before is parsed by a child process, so the cores
-    parse at once); each model is served and announced as soon as it is read."""
+    manifest never indexed before is parsed by one of as many child processes,
+    so the cores parse at once); each model is served and announced as soon as
+    it is read."""
     start = trio.current_time()
     store = node.store
     cache = await trio.to_thread.run_sync(store.load_hash_cache)
-    limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 1))
+    cores = max(2, os.cpu_count() or 1)
+    limiter = trio.CapacityLimiter(cores)
+    pool = manifest_index.ParserPool(cores)  # its processes start only if a manifest needs parsing
 
     async def read(folder: Path) -> None:
-        model = await trio.to_thread.run_sync(store.read_folder, folder, cache, limiter=limiter)
+        model = await trio.to_thread.run_sync(store.read_folder, folder, cache, pool, limiter=limiter)
         if model is None or model.cid in store.models:
             return  # unreadable (logged), or a pull began it meanwhile
         store.add_model(model)
         if model.complete or any(model.have):  # a partial replica serves, so announces, its part
             node.announce_model(model)
 
-    async with trio.open_nursery() as nursery:
-        for folder in await trio.to_thread.run_sync(store.model_folders):
-            nursery.start_soon(read, folder)
+    try:
+        async with trio.open_nursery() as nursery:
+            for folder in await trio.to_thread.run_sync(store.model_folders):
+                nursery.start_soon(read, folder)
+    finally:
+        with trio.CancelScope(shield=True):  # a stop while indexing: no parser process left running
+            await trio.to_thread.run_sync(pool.close)
     await trio.to_thread.run_sync(store.save_hash_cache, cache)
     node.index_seconds = trio.current_time() - start
     node.indexed.set()

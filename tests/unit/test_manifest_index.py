@@ -138,3 +138,28 @@ def test_when_no_child_can_run_the_manifest_is_parsed_here(tmp_path: Path, monke
     store.scan()
     ((_, model),) = store.models.items()
     assert model.complete and len(list((data / ".gguf-swarm" / "index").iterdir())) == 1
+
+
+def test_a_pool_of_parser_processes_parses_many_manifests_and_refuses_a_bad_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = fragmented(tmp_path)
+    reference = Store(data)
+    reference.scan()
+    ((cid, model),) = reference.models.items()
+    manifest = data / "m" / "manifest.json"
+    bad = data / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_bytes(manifest.read_bytes().replace(b'"size_bytes": 32768', b'"size_bytes": -5', 1))
+    for index in (data / ".gguf-swarm" / "index").iterdir():
+        index.unlink()
+    monkeypatch.setattr(manifest_index, "CHILD_PARSE_FROM", 0)
+    no_parsing(monkeypatch)  # in this process: the pool's processes parse
+    store = Store(data)
+    with manifest_index.ParserPool(2) as pool:
+        for _ in range(2):  # the same processes, job after job
+            got = store.read_folder(data / "m", {}, pool)
+            assert got is not None and same(got.manifest, model.manifest)
+        with bad.joinpath("manifest.json").open("rb") as f, pytest.raises(ManifestError, match="size_bytes"):
+            manifest_index.parse(f, manifest_index.cid_of_file(f), tmp_path / "x.npz", str(bad / "manifest.json"), pool)
+        assert len(pool._started) == 1  # one at a time: one process served them all
