@@ -472,16 +472,18 @@ _UNSAFE_IN_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
 def _hex(value: Any, length: int, name: str) -> str:
-    if not isinstance(value, str) or len(value) != length or not _LOWER_HEX.fullmatch(value):
+    if type(value) is not str or len(value) != length or not _LOWER_HEX.fullmatch(value):
         raise ValueError(f"{name} is not {length} hex digits")
     return value
 
 
 def _number(value: Any, name: str) -> int:
     """A whole number from 0 to MAX_NUMBER: not a float, a string or a bool."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NUMBER:
-        raise ValueError(f"{name} is not a whole number from 0 to {MAX_NUMBER}: {str(value)[:40]!r}")
-    return value
+    # type() is int: one test that also refuses bool (an int subclass); called
+    # ~7 times per fragment entry, 290,000 times per 40,000-fragment manifest.
+    if type(value) is int and 0 <= value <= MAX_NUMBER:
+        return value
+    raise ValueError(f"{name} is not a whole number from 0 to {MAX_NUMBER}: {str(value)[:40]!r}")
 
 
 def _safe_id(fid: Any) -> str:
