@@ -211,17 +211,17 @@ async def _fetch_whole(node: Node, model_cid: str, peers: list[ID]) -> BinaryIO:
                     raise
 
             try:
-                with trio.CancelScope(deadline=trio.current_time() + WHOLE_GRACE) as scope:
-                    counted = sink
+                began = trio.current_time()
+                received = 0
+                with trio.CancelScope(deadline=began + WHOLE_GRACE) as scope:
 
                     def sink_with_deadline(data: bytes) -> None:
-                        counted(data)
-                        received[0] += len(data)
+                        nonlocal received
+                        sink(data)
+                        received += len(data)
                         # The deadline follows progress: a holder sending at MIN_RATE or more is never cut off.
-                        scope.deadline = max(scope.deadline, began + WHOLE_GRACE + received[0] / MIN_RATE)
+                        scope.deadline = max(scope.deadline, began + WHOLE_GRACE + received / MIN_RATE)
 
-                    received = [0]
-                    began = trio.current_time()
                     session = await Session.open(node.host, peer, stall_timeout=STALL_SECONDS)
                     try:
                         await session.send(ManifestRequest(model_cid))

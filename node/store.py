@@ -264,7 +264,7 @@ class Store:
         signature: tuple[int, int, int] | None = None
         if parsed is not None:
             model_cid, manifest = parsed
-            if index_path is not None:
+            if index_path is not None and not index_path.exists():  # a parser process may have written it
                 manifest_index.save(index_path, model_cid, manifest)
         else:
             where = str(folder / MANIFEST_NAME)
