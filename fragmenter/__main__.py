@@ -1,5 +1,4 @@
-import sys
-
 from .cli import main_fragment
+from .quick_exit import quick_exit
 
-sys.exit(main_fragment())
+quick_exit(main_fragment())

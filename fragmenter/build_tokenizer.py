@@ -20,6 +20,7 @@ from pathlib import Path  # noqa: E402
 
 from .errors import FragmenterError
 from .gguf_header import parse_header
+from .quick_exit import quick_exit
 from .tokenizer import write_tokenizer_files
 
 
@@ -36,4 +37,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    quick_exit(main(sys.argv[1:]))

@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -33,6 +33,7 @@ from fragmenter.cli import (
     sigterm_as_interrupt,
 )
 from fragmenter.progress import human_bytes
+from fragmenter.quick_exit import quick_exit
 from fragmenter.selection import Selection, held_summary, parse_layers
 from protocol import is_cid
 from protocol.names import InvalidName, parse_target, peer_id_text, validate_name
@@ -732,5 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, args.func)
 
 
+def entry() -> NoReturn:
+    """The console script (and `python -m node.cli`): main(), then a quick exit."""
+    quick_exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

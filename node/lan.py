@@ -39,6 +39,9 @@ POLL = 1.0  # seconds between looks at what zeroconf heard
 RETRY = 30.0  # a peer we could not connect to is tried again after this long
 DIALS_PER_POLL = 8
 CLEANUP = 60.0  # seconds between clearing services not heard of for two TTLs
+# zeroconf sends its first goodbye at once and two more 125 ms apart, and its
+# close() waits for them: a pull would end 0.26 s later for the repeats.
+GOODBYE_WAIT = 0.05
 
 
 @asynccontextmanager
@@ -54,8 +57,8 @@ async def lan_discovery(node: Node) -> AsyncIterator[None]:
             nursery.cancel_scope.cancel()
     finally:
         if running:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_stop, running[0])
+            with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_WAIT):
+                await trio.to_thread.run_sync(_stop, running[0], abandon_on_cancel=True)
 
 
 def _stop(discovery: object) -> None:
