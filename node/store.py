@@ -635,7 +635,7 @@ class Store:
             _write_atomic(self.state_dir / _HASH_CACHE, json.dumps(cache).encode())
 
 
-def _write_atomic(path: Path, data: bytes | BinaryIO, durable: bool = True) -> None:
+def _write_atomic(path: Path, data: bytes | bytearray | BinaryIO, durable: bool = True) -> None:
     """Write `path` whole (`data`, or the whole of a file of it) under a
     temporary name, then rename it into place; `durable`: fsync the file and
     its folder too."""
@@ -644,7 +644,7 @@ def _write_atomic(path: Path, data: bytes | BinaryIO, durable: bool = True) -> N
     tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "wb") as f:
-            if isinstance(data, bytes):
+            if isinstance(data, bytes | bytearray):
                 f.write(data)
             else:
                 data.seek(0)

@@ -73,18 +73,24 @@ def max_bytes(cid: str, files: dict[str, int], min_block: int) -> int:
     return len(MAGIC) + 2 + len(cid) + 4 + body + 32
 
 
-def encode(cid: str, records: list[FileRecord]) -> bytes:
-    parts = [MAGIC, struct.pack("<H", len(cid)), cid.encode("ascii"), struct.pack("<I", len(records))]
+def encode(cid: str, records: list[FileRecord]) -> bytearray:
+    # One growing buffer, not copied: three parts per record, then their join,
+    # held ~10 MB more at the end of a 40,000-fragment pull, its peak.
+    out = bytearray(MAGIC)
+    out += struct.pack("<H", len(cid))
+    out += cid.encode("ascii")
+    out += struct.pack("<I", len(records))
     for r in records:
         name = r.name.encode()
-        parts.append(struct.pack("<H", len(name)) + name)
-        parts.append(_RECORD.pack(r.size, r.mtime_ns, r.ino, r.block_size, len(r.digests) // DIGEST_SIZE))
-        parts.append(r.digests)
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+        out += struct.pack("<H", len(name))
+        out += name
+        out += _RECORD.pack(r.size, r.mtime_ns, r.ino, r.block_size, len(r.digests) // DIGEST_SIZE)
+        out += r.digests
+    out += hashlib.sha256(out).digest()
+    return out
 
 
-def decode(data: bytes, cid: str) -> list[FileRecord]:
+def decode(data: bytes | bytearray, cid: str) -> list[FileRecord]:
     """The records of a state file written for model `cid`; BadState when it is not one."""
     if len(data) < len(MAGIC) + 32 or not data.startswith(MAGIC):
         raise BadState("not a verified-state file")
