@@ -62,7 +62,10 @@ def many_fragment_model(path: Path, tensors: int, rows: int, row_bytes: int) -> 
 
 
 def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB) and stdout of one child process."""
+    """Wall seconds, peak RSS (MB) and stdout of one child process. The file
+    system is synced first: a command that syncs (fragment, pull) must not
+    pay for the writes of the step before it."""
+    os.sync()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     out = proc.stdout.read()  # type: ignore[union-attr]
