@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import select
 import subprocess
 import sys
 import threading
@@ -214,6 +215,11 @@ class ParserPool:
             assert child.stdin is not None and child.stdout is not None
             child.stdin.write(json.dumps([path, model_cid, str(index_path), path]) + "\n")
             child.stdin.flush()
+            # One reply line per job and nothing buffered between jobs: the pipe
+            # itself says when the reply is there. A child stuck (stopped, swapping)
+            # must not hold the node's indexing forever.
+            if not select.select([child.stdout], [], [], _CHILD_SECONDS)[0]:
+                raise TimeoutError(f"no reply in {_CHILD_SECONDS:.0f} s")
             status, message = json.loads(child.stdout.readline())
         except (OSError, ValueError) as e:
             log.info("manifest parser process failed (%s)", e)

@@ -3,6 +3,9 @@ manifest again, but only for the exact manifest bytes it was made from."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,21 @@ def test_a_pool_of_parser_processes_parses_many_manifests_and_refuses_a_bad_one(
         with bad.joinpath("manifest.json").open("rb") as f, pytest.raises(ManifestError, match="size_bytes"):
             manifest_index.parse(f, manifest_index.cid_of_file(f), tmp_path / "x.npz", str(bad / "manifest.json"), pool)
         assert len(pool._started) == 1  # one at a time: one process served them all
+
+
+def test_a_parser_process_that_stops_answering_is_killed_and_the_job_left_to_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = fragmented(tmp_path)
+    manifest = data / "m" / "manifest.json"
+    with manifest.open("rb") as f:
+        cid = manifest_index.cid_of_file(f)
+    with manifest_index.ParserPool(1) as pool:
+        assert pool.parse(str(manifest), cid, tmp_path / "a.npz") == (0, "")
+        (child,) = pool._started
+        os.kill(child.pid, signal.SIGSTOP)  # alive, never answering
+        monkeypatch.setattr(manifest_index, "_CHILD_SECONDS", 1.0)
+        started = time.monotonic()
+        assert pool.parse(str(manifest), cid, tmp_path / "b.npz") is None  # no verdict: the caller parses
+        assert time.monotonic() - started < 10
+        assert child.poll() is not None  # killed, not left stopped
