@@ -327,6 +327,18 @@ class ModelBlocks:
 
     def check_and_write(self, block: int, data: bytes) -> bool | None:
         """`check_block`, then `write_block`: None when the data is wrong."""
+        span = self.layout.span(block)
+        spec = self.specs[span.file]
+        if spec.root is not None and len(data) == spec.size == span.length:
+            # A file that is one block (most fragments of a small model): its block
+            # digest is its SHA-256, hashed here once, not again to write it.
+            digest = hashlib.sha256(data).digest()
+            if block_root(digest) != spec.root:
+                return None
+            if self.has_block(block):
+                return False
+            self._finish(span.file, data, digest)
+            return True
         if not self.check_block(block, data):
             return None
         return self.write_block(block, data)
@@ -387,12 +399,15 @@ class ModelBlocks:
             del self._partials[k]
             os.close(partial.fd)
 
-    def _finish(self, k: int, data: bytes) -> None:
-        """A file that is one block: written whole, atomically."""
+    def _finish(self, k: int, data: bytes, digest: bytes | None = None) -> None:
+        """A file that is one block (or unblocked): written whole, atomically.
+        `digest`: its SHA-256, when the caller has it."""
         spec = self.specs[k]
-        if not spec.matches(hashlib.sha256(data).hexdigest()):
+        if digest is None:
+            digest = hashlib.sha256(data).digest()
+        if not spec.matches(digest.hex()):
             raise BadManifest(f"{spec.name}: block matches the manifest's block_root but not its sha256")
-        digests = block_digests(data, self.layout.block_size)
+        digests = digest if len(data) <= self.layout.block_size else block_digests(data, self.layout.block_size)
         same = self.layout.block_size == BLOCK_SIZE
         self.store.write_file(self.model, k if k < self.n else -1, data, digests if same else None)
         recorded = same and (k == self.n or spec.sha256 is not None)  # the store's record holds them (write_file)

@@ -59,18 +59,24 @@ async def test_five_node_swarm_two_pullers_know_only_a_bootstrap_node(tmp_path: 
     async with AsyncExitStack() as stack:
         boot = await stack.enter_async_context(node_at(tmp_path / "boot"))
         entry = boot.addrs()[:1]
-        seed = await stack.enter_async_context(node_at(tmp_path / "seed", entry))
+        # Holders at 1 MiB/s: p2 reaches the second before the first alone has sent the 1.3 MB.
+        slow = ServeLimits(upload_rate=1 << 20)
+        seed = await stack.enter_async_context(node_at(tmp_path / "seed", entry, slow))
         for i in range(2):
             await stack.enter_async_context(node_at(tmp_path / f"idle{i}", entry))
         model_cid = next(iter(seed.store.models))
-        p1 = await stack.enter_async_context(node_at(tmp_path / "p1", entry))
+        p1 = await stack.enter_async_context(node_at(tmp_path / "p1", entry, slow))
         got1, stats1 = await pull_model(p1, model_cid, PullOptions(find_timeout=20))
         # Every block, the header's included, came from the seed.
         assert got1.complete and stats1.bytes_by_peer == {str(seed.peer_id): cid.total_bytes + cid.header_size}
+        with trio.fail_after(20):
+            while not p1.announcing_idle():  # p1 is in the DHT as a holder
+                await trio.sleep(0.05)
         p2 = await stack.enter_async_context(node_at(tmp_path / "p2", entry))
         got2, stats2 = await pull_model(p2, model_cid, PullOptions(find_timeout=20))
         assert got2.complete
-        assert set(stats2.bytes_by_peer) == {str(seed.peer_id), str(p1.peer_id)}  # fetched from both holders
+        holders = {str(seed.peer_id): "seed", str(p1.peer_id): "p1"}
+        assert set(stats2.bytes_by_peer) == set(holders), {holders[p]: n for p, n in stats2.bytes_by_peer.items()}
     for got in (got1, got2):
         assert fr.verify_folder(got.folder).ok
         fr.assemble(got.folder, got.folder.parent / "out.gguf")
