@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# Buffered standard streams, as a user's shell gives them (PYTHONUNBUFFERED would hide a lost flush).
+BUFFERED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
 SCRIPT = """
 import logging, sys
@@ -21,7 +24,9 @@ quick_exit(3)
 
 def test_buffered_output_and_logs_survive_the_quick_exit(tmp_path: Path) -> None:
     log = tmp_path / "log.txt"
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(log)], capture_output=True, text=True, cwd=ROOT, env=BUFFERED
+    )
     assert out.returncode == 3
     assert out.stdout == "x" * 70000 + "\n"
     assert out.stderr == "said"
@@ -35,7 +40,12 @@ def test_output_to_a_closed_pipe_does_not_turn_the_exit_into_a_traceback() -> No
         "sys.stdin.readline()\nquick_exit(0)"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=BUFFERED,
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     assert proc.stderr.readline() == b"buffered\n"
