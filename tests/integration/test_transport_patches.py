@@ -1,12 +1,17 @@
-"""The two transport patches that cut per-byte work: buffered TCP reads and
-batched Yamux window updates (node/libp2p_patches/tcp.py, yamux.py)."""
+"""The transport patches that cut per-byte work: buffered TCP reads, Noise
+messages read in one wake-up, and batched Yamux window updates
+(node/libp2p_patches/tcp.py, yamux.py)."""
 
 from __future__ import annotations
+
+import os
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.security.noise.io import NoisePacketReadWriter
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 from node.host import connect, make_host, parse_peer_addr
@@ -40,6 +45,50 @@ async def test_buffered_tcp_reads_return_the_bytes_in_order_and_never_more_than_
             got += data
         assert bytes(got) == payload
         await stream.close()
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def test_a_noise_message_that_trickles_in_is_read_in_one_wakeup() -> None:
+    """A 60 KB message sent in 1 KB pieces, as a slow link delivers it, then a
+    short message: the first is read in a couple of socket reads, not one per
+    piece, and the second is still read at once."""
+    apply_all()
+    body, short = os.urandom(60_000), b"x" * 100
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+
+        async def trickle() -> None:
+            server = await listeners[0].accept()
+            message = len(body).to_bytes(2, "big") + body
+            for i in range(0, len(message), 1000):
+                await server.send_all(message[i : i + 1000])
+                await trio.sleep(0.002)
+            await trio.sleep(0.05)
+            await server.send_all(len(short).to_bytes(2, "big") + short)
+            await trio.sleep(5)  # the connection stays open: only the message can wake the reader
+            await server.aclose()
+
+        nursery.start_soon(trickle)
+        socket_stream = await trio.open_tcp_stream("127.0.0.1", port)
+        receives = 0
+        upstream_receive = socket_stream.receive_some
+
+        async def counted_receive(max_bytes: int | None = None) -> bytes:
+            nonlocal receives
+            receives += 1
+            return await upstream_receive(max_bytes)
+
+        socket_stream.receive_some = counted_receive  # type: ignore[method-assign]
+        reader = NoisePacketReadWriter(RawConnection(TrioTCPStream(socket_stream), initiator=True))
+        with trio.fail_after(5):
+            assert await reader.read_msg() == body
+            print(f"\n60 KB in 1 KB pieces: {receives} socket reads")
+            assert receives <= 4  # 61 without the low-water mark
+            assert await reader.read_msg() == short
+        nursery.cancel_scope.cancel()
+        await socket_stream.aclose()
         for listener in listeners:
             await listener.aclose()
 
