@@ -25,7 +25,7 @@ def test_shipped_examples_load() -> None:
     seed = node_config(read_config_file(str(CONFIGS / "seed.toml")), flags())
     assert seed.listen == ["/ip4/0.0.0.0/tcp/4001"]
     assert seed.serve.max_total == 32 and seed.serve.upload_rate == 100_000_000 and seed.serve.initial_seeding
-    assert seed.unchoke_slots == 4
+    assert seed.unchoke_slots == 8
     puller = node_config(read_config_file(str(CONFIGS / "puller.toml")), flags())
     assert puller.request_bytes_per_peer == 48 << 20 and puller.data_dir == Path("~/gguf-models").expanduser()
 
