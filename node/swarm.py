@@ -94,6 +94,10 @@ STRIKES = 8  # refusals of claimed blocks while unchoked, with nothing delivered
 # A peer shown its share by a super-seed that is still not interested after this
 # long wants other blocks (a partial replica): it is shown everything.
 UNINTERESTED_AFTER = 2.0
+# A super-seed whose upload queues have been empty this long has upload to
+# spare: only then may it send a block a second time (node/seeding.py). Not
+# at once: between one request and the next a busy queue is empty for a moment.
+SPARE_AFTER = 0.5
 DROP_FOR = 300.0  # a dropped peer is not dialled again for this long
 WRITE_STALL = 60.0  # a peer that takes none of our bytes this long is dropped
 
@@ -170,6 +174,7 @@ class ModelSwarm:
         self.wanted_bytes = 0
         self.wanted_done = 0  # bytes of wanted files held (for progress)
         self._lost_told: set[int] = set()  # files we dropped (bad on disk) and told our peers of
+        self._upload_busy_at = 0.0  # a super-seed: when a request last waited in its upload queues
         # Callers waiting for files: a few at once, so a file's waiters are found by
         # asking each (a list of waiters per file cost ~7 MB at 40,960 files).
         self._wants: list[Want] = []
@@ -317,13 +322,16 @@ class ModelSwarm:
             self._check_stalls(now)
         self._rechoke(now, force=False)
         if self.seeding is not None:
+            if not self._upload_idle():
+                self._upload_busy_at = now
+            spare = now - self._upload_busy_at >= SPARE_AFTER
             for link in list(self.links.values()):
                 if not link.ready:
                     continue
                 if not link.session.peer_interested and now - link.ready_at >= UNINTERESTED_AFTER:
-                    self._send_haves(link, self.seeding.uninterested(link.peer, now))
+                    self._send_haves(link, self.seeding.uninterested(link.peer, now, spare))
                 else:
-                    self._reveal(link, now)
+                    self._reveal(link, now, spare)
         for link in list(self.links.values()):
             if link.ready:
                 self._update_interest(link)
@@ -514,6 +522,15 @@ class ModelSwarm:
             self.seeding.sent(link.peer, block, now)
             self._reveal(link, now)
 
+    def _upload_idle(self) -> bool:
+        """No peer has a request of ours waiting behind the block being sent to it:
+        a super-seed's upload is about to go unused (O(requests pending), each tick)."""
+        for link in self.links.values():
+            for block, sent in link.session.peer_requests.items():
+                if not sent and block not in link.uploading:
+                    return False
+        return True
+
     def _tell_lost(self, file: int) -> None:
         """If the file went bad on our disk and was dropped, every peer hears it
         once: haves only grow otherwise, and they would keep asking us for it."""
@@ -632,9 +649,9 @@ class ModelSwarm:
         elif self.blocks.have_count:
             self._send_bitfield(link, self.blocks.have)
 
-    def _reveal(self, link: PeerLink, now: float) -> None:
+    def _reveal(self, link: PeerLink, now: float, spare: bool = False) -> None:
         assert self.seeding is not None
-        shown = self.seeding.reveal(link.peer, now)
+        shown = self.seeding.reveal(link.peer, now, spare)
         if shown:
             self._send_haves(link, shown)
 

@@ -98,19 +98,40 @@ def test_everything_is_shown_once_every_block_is_out() -> None:
     s.check_invariants()
 
 
-def test_at_the_end_of_the_first_round_what_is_out_is_shown() -> None:
+def test_at_the_end_of_the_first_round_a_puller_gets_what_is_out_from_the_others() -> None:
     s = joined(make(n=6, batch=1000), "a", "b", "c")
-    a, b, _ = (sorted(s.reveal(p, 0.0)) for p in "abc")  # 2 each: the pool is empty
+    a, b, c = (sorted(s.reveal(p, 0.0)) for p in "abc")  # 2 each: the pool is empty
     s.sent("b", b[0], 1.0)
     for i in a:
         s.sent("a", i, 1.0)
-    assert s.reveal("a", 1.0) == [b[0]]  # a's share is done: it may ask for what went out
+    assert s.reveal("a", 1.0) == []  # a's share is done; b[0] is out, and b has it for a
+    assert s.uninterested("a", 1.0) == []  # a is not interested: it has its share, not a partial replica
+    s.peer_has("a", b[0])  # a got it from b
+    assert s.reveal("a", 2.0) == sorted(b + c)  # a holds all that is out: only the seed can feed it
+    assert s.shown("a") is None
+    s.check_invariants()
+
+
+def test_with_upload_to_spare_a_puller_at_the_end_of_the_round_is_shown_what_is_out() -> None:
+    s = joined(make(n=6, batch=1000), "a", "b", "c")
+    a, b, _ = (sorted(s.reveal(p, 0.0)) for p in "abc")
+    s.sent("b", b[0], 1.0)
+    for i in a:
+        s.sent("a", i, 1.0)
+    assert s.reveal("a", 1.0) == []  # the seed is busy: a gets b[0] from b
+    assert s.reveal("a", 1.5, spare=True) == [b[0]]  # idle: a may ask it of the seed too
     s.sent("a", b[0], 2.0)
-    s.sent("b", b[1], 2.0)
-    assert s.reveal("a", 2.0) == [b[1]]
-    s.sent("a", b[1], 3.0)
-    rest = s.reveal("a", 3.0)  # a holds all that is out; the rest is c's share: shown anyway
-    assert len(rest) == 2 and s.shown("a") is None
+    rest = s.reveal("a", 2.0, spare=True)  # a holds all it was shown: the rest, though other shares
+    assert len(rest) == 3 and s.shown("a") is None
+    s.check_invariants()
+
+
+def test_a_puller_holding_all_that_is_out_is_shown_the_rest_when_not_interested() -> None:
+    s = joined(make(n=4, batch=1000), "a", "b")
+    a, b = (sorted(s.reveal(p, 0.0)) for p in "ab")
+    for i in a:
+        s.sent("a", i, 1.0)
+    assert s.uninterested("a", 1.0) == b  # nothing is out that a lacks: b's share it is
     s.check_invariants()
 
 
@@ -154,13 +175,14 @@ def test_shown_only_grows_and_nobody_is_left_without_something_to_ask_for(
             held.pop(peer, None)
             shown.pop(peer, None)
         elif op == 2 and peer in held:
-            new = s.reveal(peer, t)
+            new = s.reveal(peer, t, spare=x % 2 == 0)
             assert not set(new) & shown[peer]
             shown[peer] |= set(new)
             now = s.shown(peer)
             assert (set(range(n)) if now is None else now) == shown[peer]
             if len(held[peer]) < n:
-                assert shown[peer] - held[peer], "a peer that lacks blocks must be shown one it lacks"
+                # it can ask the seed for something, or another peer holds a block it lacks
+                assert shown[peer] - held[peer] or s.out - held[peer], "a peer that lacks blocks is left with none"
         elif op == 3 and shown.get(peer):
             block = sorted(shown[peer])[x % len(shown[peer])]  # peers only ask for what they were shown
             s.sent(peer, block, t)
