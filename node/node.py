@@ -71,7 +71,7 @@ class NodeConfig:
     requests_per_peer: int = 48
     request_bytes_per_peer: int = 48 << 20
     # Peers served at once per model, plus one optimistic unchoke: libtorrent's
-    # default. With 4, a seed turning over 8 pullers used ~78 % of its link and
+    # default. With 4, a seed turning over 8 pullers used ~80 % of its link and
     # the last puller finished 3-4 s later (swarm_bench, N=8).
     unchoke_slots: int = 8
     peer_stall_timeout: float = 30.0  # a peer with requests pending that sends nothing this long is dropped

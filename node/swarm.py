@@ -523,8 +523,8 @@ class ModelSwarm:
             self._reveal(link, now)
 
     def _upload_idle(self) -> bool:
-        """No peer has a request of ours waiting behind the block being sent to it:
-        a super-seed's upload is about to go unused (O(requests pending), each tick)."""
+        """No peer's request waits in our upload queues behind the block being sent
+        to it: a super-seed's upload is about to go unused (O(requests pending), each tick)."""
         for link in self.links.values():
             for block, sent in link.session.peer_requests.items():
                 if not sent and block not in link.uploading:
