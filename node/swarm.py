@@ -322,7 +322,7 @@ class ModelSwarm:
             self._check_stalls(now)
         self._rechoke(now, force=False)
         if self.seeding is not None:
-            if not self._upload_idle():
+            if self.seeding.active and not self._upload_idle():  # after the first round `spare` is moot
                 self._upload_busy_at = now
             spare = now - self._upload_busy_at >= SPARE_AFTER
             for link in list(self.links.values()):
