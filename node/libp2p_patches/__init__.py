@@ -9,7 +9,7 @@ Each submodule patches one upstream weakness, names the attack it stops (or,
 
 from __future__ import annotations
 
-from . import connections, kad, republish, streams, tcp, yamux
+from . import connections, kad, locks, republish, streams, tcp, yamux
 
 _applied = False
 
@@ -24,4 +24,5 @@ def apply_all() -> None:
     streams.apply()
     republish.apply()
     tcp.apply()
+    locks.apply()
     _applied = True

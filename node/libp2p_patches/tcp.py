@@ -29,11 +29,12 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-import trio
 from libp2p.io.trio import TrioTCPStream
 from libp2p.io.utils import read_exactly
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.security.noise.io import NoisePacketReadWriter
+
+from .locks import QuickLock
 
 READ_AHEAD = 256 * 1024
 # A smaller remainder is not worth a system call: it arrives in a segment or two.
@@ -50,7 +51,7 @@ def apply() -> None:
             return b""
         lock = self.__dict__.get("_buffer_lock")
         if lock is None:
-            lock = self.__dict__["_buffer_lock"] = trio.Lock()
+            lock = self.__dict__["_buffer_lock"] = QuickLock()
         async with lock:  # two readers at once must not see bytes out of order
             buffered: bytearray | None = self.__dict__.get("_read_buffer")
             if not buffered:

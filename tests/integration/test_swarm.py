@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+import trio.testing
 from gguf import GGMLQuantizationType as T
 
 import fragmenter as fr
@@ -207,6 +208,7 @@ async def test_one_stream_carries_pipelined_requests_answered_in_order(tmp_path:
         assert await session.read_data(20) == whole[10:30]
         assert (await session.read_have()).count == len(manifest.fragments)
         assert seed.server.open_streams == {str(client.peer_id): 1}  # all of it on one stream
+        await trio.testing.wait_all_tasks_blocked()  # the seed's side is done with the last answer
         assert not seed.server.active  # an idle stream holds no upload slot
         assert client.peer_id in seed.server.askers[model.cid]  # a puller of this model, to tell other pullers
         await session.close()
