@@ -30,32 +30,27 @@ from libp2p.stream_muxer.rw_lock import ReadWriteLock
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 
-class QuickLock:
-    """A `trio.Lock` whose `acquire` yields only when it has to wait."""
+class _QuickAcquire:
+    """Takes the trio lock or semaphore it wraps (`_inner`) without yielding when it is free."""
 
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
+    __slots__ = ("_inner",)
+    _inner: Any
 
     async def acquire(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            self._lock.acquire_nowait()
+            self._inner.acquire_nowait()
         except trio.WouldBlock:
-            await self._lock.acquire()
+            await self._inner.acquire()  # trio's own wait, in arrival order
 
     def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
+        self._inner.acquire_nowait()
 
     def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
+        self._inner.release()
 
     def statistics(self) -> Any:
-        return self._lock.statistics()
+        return self._inner.statistics()
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -66,41 +61,29 @@ class QuickLock:
         self.release()
 
 
-class QuickSemaphore:
+class QuickLock(_QuickAcquire):
+    """A `trio.Lock` whose `acquire` yields only when it has to wait."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self._inner = trio.Lock()
+
+    def locked(self) -> bool:
+        return bool(self._inner.locked())
+
+
+class QuickSemaphore(_QuickAcquire):
     """A `trio.Semaphore` whose `acquire` yields only when it has to wait."""
 
-    __slots__ = ("_semaphore",)
+    __slots__ = ()
 
     def __init__(self, value: int) -> None:
-        self._semaphore = trio.Semaphore(value)
-
-    async def acquire(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._semaphore.acquire_nowait()
-        except trio.WouldBlock:
-            await self._semaphore.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._semaphore.acquire_nowait()
-
-    def release(self) -> None:
-        self._semaphore.release()
+        self._inner = trio.Semaphore(value)
 
     @property
     def value(self) -> int:
-        return self._semaphore.value
-
-    def statistics(self) -> Any:
-        return self._semaphore.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
+        return int(self._inner.value)
 
 
 def quicken(obj: object) -> None:
