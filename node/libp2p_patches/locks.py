@@ -14,8 +14,9 @@ when it is not, so mutual exclusion and fairness are trio's. Cancellation is
 still checked on entry. Every loop on these paths still yields, at its socket
 call or while it waits for data or window. The upstream objects' `trio.Lock`s
 (and Yamux's one-writer `trio.Semaphore(1)`) are swapped for these when made.
-Same puller: 608 passes in 2 s; a loopback pull's transfer 2.57-2.85 s ->
-2.30-2.38 s.
+Same puller: 608 passes in 2 s. `bench/pull_bench.py`: the pull 113 -> 131
+MB/s, the raw stream (patched too) 264 -> 344 MB/s; an 8-puller netlab swarm
+used 103 CPU-s in all, against 131-140.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ trio's run loop; held means trio's own waiting, in order; cancellation holds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -22,7 +25,7 @@ class RunLoopPasses(trio.abc.Instrument):
 
 
 @pytest.mark.parametrize("make", [QuickLock, lambda: QuickSemaphore(1)])
-async def test_a_free_lock_is_taken_without_a_pass_through_the_run_loop(make: type) -> None:
+async def test_a_free_lock_is_taken_without_a_pass_through_the_run_loop(make: Callable[[], Any]) -> None:
     lock = make()
     counter = RunLoopPasses()
     trio.lowlevel.add_instrument(counter)
@@ -36,7 +39,7 @@ async def test_a_free_lock_is_taken_without_a_pass_through_the_run_loop(make: ty
 
 
 @pytest.mark.parametrize("make", [QuickLock, lambda: QuickSemaphore(1)])
-async def test_a_held_lock_is_handed_on_first_come_first_served(make: type) -> None:
+async def test_a_held_lock_is_handed_on_first_come_first_served(make: Callable[[], Any]) -> None:
     lock = make()
     order: list[int] = []
 
