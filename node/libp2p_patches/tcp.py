@@ -69,13 +69,14 @@ def apply() -> None:
         length = await self.next_msg_len()
         conn = self.read_write_closer
         tcp = conn.stream if isinstance(conn, RawConnection) else None
-        if not isinstance(tcp, TrioTCPStream) or length < LOW_WATER_MIN:
-            return await read_exactly(conn, length)
-        tcp.__dict__["_exact"] = True  # every read below is for bytes already sent
+        exact = isinstance(tcp, TrioTCPStream) and length >= LOW_WATER_MIN
+        if exact:
+            tcp.__dict__["_exact"] = True  # every read below is for bytes already sent
         try:
             return await read_exactly(conn, length)
         finally:
-            tcp.__dict__["_exact"] = False
+            if exact:
+                tcp.__dict__["_exact"] = False
 
     TrioTCPStream.read = read  # type: ignore[method-assign]
     TrioTCPStream._gguf_swarm_read_buffer_patch = True  # type: ignore[attr-defined]

@@ -84,7 +84,6 @@ async def test_a_noise_message_that_trickles_in_is_read_in_one_wakeup() -> None:
         reader = NoisePacketReadWriter(RawConnection(TrioTCPStream(socket_stream), initiator=True))
         with trio.fail_after(5):
             assert await reader.read_msg() == body
-            print(f"\n60 KB in 1 KB pieces: {receives} socket reads")
             assert receives <= 4  # 61 without the low-water mark
             assert await reader.read_msg() == short
         nursery.cancel_scope.cancel()
