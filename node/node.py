@@ -7,6 +7,7 @@ stops it and closes the host (without `close()` py-libp2p leaks a socket).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -49,12 +50,14 @@ from .standing import BanList
 from .store import LocalModel, Store
 from .streams import StreamClosed, read_hello
 from .swarm import ModelSwarm
-from .sweep import estimate_network_size, plan_regions
+from .sweep import SweepGate, estimate_network_size, plan_regions
 
 log = logging.getLogger(__name__)
 REPUBLISH_SECONDS = 22 * 3600  # provider records expire after 48 h
 MULTIHASH_SHA256 = b"\x12\x20"  # a fragment's DHT key: this, then its SHA-256
 SWEEP_REGION_TIMEOUT = 600.0  # one region's lookup and streams; 40,000 keys take ~2 min
+SWEEP_DEFER_MAX = 600.0  # the longest a fragment sweep waits while this node uploads (SweepGate)
+SWEEP_RECHECK = 1.0  # seconds between looks at whether a deferred sweep may start
 # How often verified-file records are saved: a crash loses at most this much
 # verification (those files are hashed again), and no fsync per file.
 VERIFIED_FLUSH_SECONDS = 5.0
@@ -103,6 +106,7 @@ class Node:
         self._sweeps: dict[str, int] = {}
         self._wake = trio.Event()
         self._pulls_transferring = 0
+        self._sweep_gate = SweepGate(SWEEP_DEFER_MAX)
         self.announced: set[str] = set()  # model CIDs and single fragments announced (not sweeps: see announced_count)
         self.announced_count = 0  # keys provided, all kinds
         self.swarms: dict[str, ModelSwarm] = {}
@@ -237,6 +241,9 @@ class Node:
             elif self._sweeps and self._pulls_transferring == 0 and self.indexed.is_set():
                 # Not while the data dir is read: planning a 40,000-fragment sweep
                 # takes ~0.15 s of the event loop that indexing needs too.
+                if not self._sweep_may_start(trio.current_time()):
+                    await self._wait_for_wake(SWEEP_RECHECK)
+                    continue
                 model_cid = next(iter(self._sweeps))
                 del self._sweeps[model_cid]
                 model = self.store.models.get(model_cid)
@@ -245,6 +252,19 @@ class Node:
             else:
                 self._wake = trio.Event()
                 await self._wake.wait()
+
+    def _sweep_may_start(self, now: float) -> bool:
+        """May a fragment sweep (or its next region) go now? Not while any of our
+        links uploaded within its rate window (SweepGate). Peers in the swarm learn
+        what we hold from our sessions, and everyone finds us by the model CID
+        (announced at once) meanwhile."""
+        uploading = any(link.up.rate(now) > 0 for swarm in self.swarms.values() for link in swarm.links.values())
+        return self._sweep_gate.may_start(uploading, now)
+
+    async def _wait_for_wake(self, timeout: float = math.inf) -> None:
+        self._wake = trio.Event()
+        with trio.move_on_after(timeout):
+            await self._wake.wait()
 
     async def _provide(self, key: str) -> None:
         """One key, one lookup: model CIDs."""
@@ -273,8 +293,9 @@ class Node:
                 if key is not None:
                     await self._provide(key)
                 elif self._pulls_transferring > 0:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
+                    await self._wait_for_wake()
+                elif not self._sweep_may_start(trio.current_time()):
+                    await self._wait_for_wake(SWEEP_RECHECK)
                 else:
                     break
             try:

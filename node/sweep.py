@@ -1,7 +1,7 @@
 """Announcing many keys by sweeping the keyspace, region by region (the way
 Kubo's sweeping reprovider does), instead of one DHT lookup per key.
 
-Pure planning, no I/O: node/announcer.py runs the plan.
+Pure planning, no I/O: node/node.py runs the plan.
 
 A lookup finds the k closest peers of a key. Keys whose Kademlia ids share a
 prefix long enough that about k peers fall under it have (nearly) the same k
@@ -84,3 +84,25 @@ def batches(keys: list[bytes], size: int) -> Iterator[list[bytes]]:
     """`keys` in runs of at most `size` (one stream each)."""
     for i in range(0, len(keys), size):
         yield keys[i : i + size]
+
+
+class SweepGate:
+    """When a due sweep may go. Not while the node uploads: a sweep sends each
+    closest peer an ADD_PROVIDER per key, which costs sender and receivers CPU
+    that their transfers need: 8 pullers at 100 Mbit/s on 2 cores, each
+    sweeping 253 keys to the 8 others while it served them, finished their
+    pulls in 48.4 s, against 43.1 s waiting (medians of 3). But after
+    `max_defer` seconds of waiting it goes anyway, so a seed that never stops
+    serving gets its records out."""
+
+    def __init__(self, max_defer: float) -> None:
+        self.max_defer = max_defer
+        self.waiting_since: float | None = None
+
+    def may_start(self, uploading: bool, now: float) -> bool:
+        if uploading and self.waiting_since is None:
+            self.waiting_since = now
+        if self.waiting_since is None or not uploading or now - self.waiting_since >= self.max_defer:
+            self.waiting_since = None
+            return True
+        return False

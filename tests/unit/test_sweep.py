@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.sweep import K, batches, estimate_network_size, kad_id, plan_regions, prefix_bits
+from node.sweep import K, SweepGate, batches, estimate_network_size, kad_id, plan_regions, prefix_bits
 
 
 def keys(n: int, seed: int = 0) -> list[bytes]:
@@ -64,3 +64,15 @@ def test_batches_cover_the_keys_in_order() -> None:
     ks = keys(10)
     assert [len(b) for b in batches(ks, 4)] == [4, 4, 2]
     assert [k for b in batches(ks, 4) for k in b] == ks
+
+
+def test_a_sweep_waits_while_the_node_uploads_but_not_forever() -> None:
+    gate = SweepGate(max_defer=600.0)
+    assert gate.may_start(uploading=False, now=0.0)  # an idle node sweeps at once
+    assert not gate.may_start(uploading=True, now=10.0)
+    assert not gate.may_start(uploading=True, now=300.0)
+    assert gate.may_start(uploading=False, now=301.0)  # the uploads stopped
+    assert not gate.may_start(uploading=True, now=400.0)  # a new wait starts from here...
+    assert not gate.may_start(uploading=True, now=999.0)
+    assert gate.may_start(uploading=True, now=1000.0)  # ...and ends after max_defer, busy or not
+    assert not gate.may_start(uploading=True, now=1001.0)  # the next sweep waits afresh
