@@ -1,7 +1,7 @@
 """Small patches to py-libp2p 0.8.1, each closing one measured attack or cost.
 
 Each submodule patches one upstream weakness, names the attack it stops (or,
-`republish`, `tcp`, `locks` and part of `yamux`, the waste it ends), and
+`republish`, `tcp`, `reads`, `locks` and part of `yamux`, the waste it ends), and
 could be sent upstream as it is. `apply_all()` is idempotent and runs before
 any host is made (`node.host.make_host`). The tests in
 `tests/integration/test_hostile_*.py` run each attack against a live node;
@@ -10,7 +10,7 @@ any host is made (`node.host.make_host`). The tests in
 
 from __future__ import annotations
 
-from . import connections, kad, locks, republish, streams, tcp, yamux
+from . import connections, kad, locks, reads, republish, streams, tcp, yamux
 
 _applied = False
 
@@ -25,5 +25,6 @@ def apply_all() -> None:
     streams.apply()
     republish.apply()
     tcp.apply()
+    reads.apply()
     locks.apply()
     _applied = True
