@@ -877,8 +877,13 @@ class ModelSwarm:
         self.stats.last_block = time.monotonic()
         key = str(peer)
         self.stats.bytes_by_peer[key] = self.stats.bytes_by_peer.get(key, 0) + size
+        everything = self.layout.total_blocks
         for link in self.links.values():
-            if link.ready:
+            # Not to a peer that holds the block: it cannot want it (libtorrent's
+            # have suppression). Except a peer that holds every block: a seed counts
+            # its super-seeding shares out by the HAVEs it hears.
+            session = link.session
+            if link.ready and (not session.peer_has(block) or session.peer_have_count == everything):
                 link.send(HaveBlocks((block,)))
         if completed_file:
             file = self.layout.file_of(block)

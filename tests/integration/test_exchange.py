@@ -20,7 +20,14 @@ from node.pull import PullOptions, pull_model
 from node.server import ServeLimits
 from node.swarm import STRIKES, ModelSwarm
 from protocol import PROTOCOL_ID, Data, Error, ErrorCode, encode_frame
-from protocol.exchange import EXCHANGE_PROTOCOL_ID, Hello, Interested, decode_exchange_body, encode_exchange
+from protocol.exchange import (
+    EXCHANGE_PROTOCOL_ID,
+    HaveBlocks,
+    Hello,
+    Interested,
+    decode_exchange_body,
+    encode_exchange,
+)
 from tests.conftest import sha256_file
 from tests.gguf_factory import write_model
 from tests.integration.test_swarm import model_folder, node_at
@@ -198,3 +205,55 @@ async def test_a_holder_that_trickles_the_manifest_costs_seconds_not_minutes(tmp
                 got = await pull_module._fetch_manifest(puller, model_cid, [slow.peer_id, seed.peer_id])
             assert got.read_manifest_bytes() == manifest
             assert trio.current_time() - start < manifest_fetch.MANIFEST_STAGGER + 5
+
+
+async def test_haves_skip_peers_that_hold_the_block_but_always_reach_a_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Have suppression: a verified block is announced to each peer that lacks it,
+    and to a complete peer (a super-seed counts its shares out by HAVEs) even so."""
+    verifying: list[ModelSwarm] = []
+    announced: list[tuple[str, str, int, bool, bool]] = []  # sender, receiver, block, receiver held it, complete
+    upstream_verified, upstream_send = ModelSwarm._verified, swarm_module.PeerLink.send
+
+    def verified(self: ModelSwarm, *args: Any) -> None:
+        verifying.append(self)
+        try:
+            upstream_verified(self, *args)
+        finally:
+            verifying.pop()
+
+    def send(link: swarm_module.PeerLink, msg: Any) -> None:
+        if verifying and isinstance(msg, HaveBlocks):
+            s = link.session
+            complete = s.peer_have_count == verifying[-1].layout.total_blocks
+            for block in msg.blocks:
+                announced.append((str(verifying[-1].node.peer_id), str(link.peer), block, s.peer_has(block), complete))
+        upstream_send(link, msg)
+
+    monkeypatch.setattr(ModelSwarm, "_verified", verified)
+    monkeypatch.setattr(swarm_module.PeerLink, "send", send)
+    big_fragment_model(tmp_path / "seed")
+    async with (
+        node_at(tmp_path / "seed", serve=ServeLimits(upload_rate=3_000_000)) as seed,
+        node_at(tmp_path / "a", seed.addrs()[:1]) as a,
+        node_at(tmp_path / "b", seed.addrs()[:1]) as b,
+    ):
+        model_cid = next(iter(seed.store.models))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for node in (a, b):
+                    nursery.start_soon(pull_model, node, model_cid, PullOptions(find_timeout=20))
+        total = a.swarms[model_cid].layout.total_blocks
+        got_from_each_other = [
+            x.swarms[model_cid].stats.bytes_by_peer.get(str(y.peer_id), 0) for x, y in ((a, b), (b, a))
+        ]
+    assert all(not held or complete for *_, held, complete in announced)
+    for puller in (a, b):
+        to_seed = {
+            block for sender, to, block, *_ in announced if sender == str(puller.peer_id) and to == str(seed.peer_id)
+        }
+        assert to_seed == set(range(total))  # every block it verified, though the seed holds them all
+    between = [(sender, block) for sender, to, block, *_ in announced if to != str(seed.peer_id)]
+    assert sum(got_from_each_other) > 0
+    assert len(between) < 2 * total  # a block one puller got from the other was not announced back to it
