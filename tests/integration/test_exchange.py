@@ -211,9 +211,10 @@ async def test_haves_skip_peers_that_hold_the_block_but_always_reach_a_seed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Have suppression: a verified block is announced to each peer that lacks it,
-    and to a complete peer (a super-seed counts its shares out by HAVEs) even so."""
+    and to a peer not interested in us even so (a super-seed counts its shares
+    out by the HAVEs it hears, and shows us only part of what it holds)."""
     verifying: list[ModelSwarm] = []
-    announced: list[tuple[str, str, int, bool, bool]] = []  # sender, receiver, block, receiver held it, complete
+    announced: list[tuple[str, str, int, bool, bool]] = []  # sender, receiver, block, held it, interested
     upstream_verified, upstream_send = ModelSwarm._verified, swarm_module.PeerLink.send
 
     def verified(self: ModelSwarm, *args: Any) -> None:
@@ -226,9 +227,9 @@ async def test_haves_skip_peers_that_hold_the_block_but_always_reach_a_seed(
     def send(link: swarm_module.PeerLink, msg: Any) -> None:
         if verifying and isinstance(msg, HaveBlocks):
             s = link.session
-            complete = s.peer_have_count == verifying[-1].layout.total_blocks
             for block in msg.blocks:
-                announced.append((str(verifying[-1].node.peer_id), str(link.peer), block, s.peer_has(block), complete))
+                sender = str(verifying[-1].node.peer_id)
+                announced.append((sender, str(link.peer), block, s.peer_has(block), s.peer_interested))
         upstream_send(link, msg)
 
     monkeypatch.setattr(ModelSwarm, "_verified", verified)
@@ -248,7 +249,11 @@ async def test_haves_skip_peers_that_hold_the_block_but_always_reach_a_seed(
         got_from_each_other = [
             x.swarms[model_cid].stats.bytes_by_peer.get(str(y.peer_id), 0) for x, y in ((a, b), (b, a))
         ]
-    assert all(not held or complete for *_, held, complete in announced)
+        seeding = seed.swarms[model_cid].seeding
+        assert seeding is not None
+        for puller in (a, b):  # the super-seed heard of every block each puller holds
+            assert seeding.peers[puller.peer_id].held == set(range(total))
+    assert all(not held or not interested for *_, held, interested in announced)
     for puller in (a, b):
         to_seed = {
             block for sender, to, block, *_ in announced if sender == str(puller.peer_id) and to == str(seed.peer_id)

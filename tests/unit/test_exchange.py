@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from node.swarm import hears_have
 from protocol import (
     EXCHANGE_PROTOCOL_ID,
     MAX_BITFIELD_BYTES,
@@ -868,3 +869,16 @@ def test_digests_of_a_file_too_big_for_one_frame_cannot_be_sent() -> None:
     feed(s, frames(HashesRequest(0)))
     local_error(s, lambda s: s.send(Hashes(0, b"\x00" * 32 * 2048)))
     assert s.peer_hash_requests == {0: 1}
+
+
+def test_a_have_skips_an_interested_holder_but_reaches_a_super_seed() -> None:
+    p = Pair()
+    p.hello()
+    p.send(p.a, HaveBlocks((1, 2)))  # a holds 1 and 2 (a puller, or a super-seed showing part)
+    assert hears_have(p.b, 0)  # a lacks it
+    assert hears_have(p.b, 1)  # a holds it but wants nothing of ours: a super-seed counts its shares by HAVEs
+    p.send(p.a, Interested())  # a puller that wants what b holds
+    assert not hears_have(p.b, 1) and not hears_have(p.b, 2)  # it cannot want these
+    assert hears_have(p.b, 3)
+    p.send(p.a, NotInterested())
+    assert hears_have(p.b, 2)
