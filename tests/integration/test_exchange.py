@@ -4,6 +4,8 @@ and peers that claim what they refuse."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import node.manifest_fetch as manifest_fetch
 import node.pull as pull_module
 import node.swarm as swarm_module
 from node.host import NodeError
+from node.node import Node
 from node.pull import PullOptions, pull_model
 from node.server import ServeLimits
 from node.swarm import STRIKES, ModelSwarm
@@ -42,12 +45,10 @@ def big_fragment_model(base: Path) -> tuple[Path, Path]:
     return model, folder
 
 
-async def test_blocks_are_passed_on_before_their_fragment_is_complete(tmp_path: Path) -> None:
-    model, folder = big_fragment_model(tmp_path / "seed")
-    manifest = fr.read_manifest(folder)
-    assert all(e.size > (1 << 20) and e.block_root for e in manifest.fragments)
-    # A slow seed: two pullers overlap, and each can give the other blocks of
-    # fragments neither has finished.
+@asynccontextmanager
+async def two_pullers_behind_a_slow_seed(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, Node, str]]:
+    """A seed of `big_fragment_model` (in tmp_path/seed) held to 3 MB/s, and two
+    nodes that have pulled it at once: they overlapped, and traded blocks."""
     async with (
         node_at(tmp_path / "seed", serve=ServeLimits(upload_rate=3_000_000)) as seed,
         node_at(tmp_path / "a", seed.addrs()[:1]) as a,
@@ -58,6 +59,16 @@ async def test_blocks_are_passed_on_before_their_fragment_is_complete(tmp_path: 
             async with trio.open_nursery() as nursery:
                 for node in (a, b):
                     nursery.start_soon(pull_model, node, model_cid, PullOptions(find_timeout=20))
+        yield seed, a, b, model_cid
+
+
+async def test_blocks_are_passed_on_before_their_fragment_is_complete(tmp_path: Path) -> None:
+    model, folder = big_fragment_model(tmp_path / "seed")
+    manifest = fr.read_manifest(folder)
+    assert all(e.size > (1 << 20) and e.block_root for e in manifest.fragments)
+    # A slow seed: two pullers overlap, and each can give the other blocks of
+    # fragments neither has finished.
+    async with two_pullers_behind_a_slow_seed(tmp_path) as (seed, a, b, model_cid):
         served_partial = a.swarms[model_cid].blocks.partial_reads + b.swarms[model_cid].blocks.partial_reads
         from_each_other = a.swarms[model_cid].stats.bytes_by_peer.get(str(b.peer_id), 0) + b.swarms[
             model_cid
@@ -235,16 +246,7 @@ async def test_haves_skip_peers_that_hold_the_block_but_always_reach_a_seed(
     monkeypatch.setattr(ModelSwarm, "_verified", verified)
     monkeypatch.setattr(swarm_module.PeerLink, "send", send)
     big_fragment_model(tmp_path / "seed")
-    async with (
-        node_at(tmp_path / "seed", serve=ServeLimits(upload_rate=3_000_000)) as seed,
-        node_at(tmp_path / "a", seed.addrs()[:1]) as a,
-        node_at(tmp_path / "b", seed.addrs()[:1]) as b,
-    ):
-        model_cid = next(iter(seed.store.models))
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for node in (a, b):
-                    nursery.start_soon(pull_model, node, model_cid, PullOptions(find_timeout=20))
+    async with two_pullers_behind_a_slow_seed(tmp_path) as (seed, a, b, model_cid):
         total = a.swarms[model_cid].layout.total_blocks
         got_from_each_other = [
             x.swarms[model_cid].stats.bytes_by_peer.get(str(y.peer_id), 0) for x, y in ((a, b), (b, a))
