@@ -6,7 +6,9 @@ split."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,21 +23,24 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def gemma_parts(gemma_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def gemma_parts(gemma_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]]:
     tensors = 236  # Gemma 3 270M
-    parts = gguf_split(gemma_model, tmp_path_factory.mktemp("split") / "gemma-3-270m", -(-tensors // PARTS))
+    folder = tmp_path_factory.mktemp("split")
+    parts = gguf_split(gemma_model, folder / "gemma-3-270m", -(-tensors // PARTS))
     assert [p.name for p in parts] == [f"gemma-3-270m-{k:05d}-of-{PARTS:05d}.gguf" for k in range(1, PARTS + 1)]
-    return parts
+    yield parts
+    shutil.rmtree(folder)  # 253 MB, not needed past this module
 
 
 @pytest.fixture(scope="module")
-def assembled(gemma_parts: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+def assembled(gemma_parts: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Path], Path]]:
     """(the parts, the merged file) assembled from the fragments of the split model."""
     work = tmp_path_factory.mktemp("assembled")
     fr.fragment_model(gemma_parts[0], work / "frag")
     parts = fr.assemble(work / "frag", work / "parts").files
     fr.assemble(work / "frag", work / "merged.gguf", merge=True)
-    return list(parts), work / "merged.gguf"
+    yield list(parts), work / "merged.gguf"
+    shutil.rmtree(work)  # 760 MB
 
 
 def test_split_gemma_fragments_into_one_model_and_assembles_byte_identical(
