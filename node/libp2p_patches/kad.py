@@ -36,6 +36,15 @@ address list cut before upstream parses it. `get_providers` and
 `cleanup_expired` are wrapped to keep the per-provider ledger in step with the
 expired records upstream deletes.
 
+Waste (py-libp2p 0.8.1): every DHT message is written as two: its varint
+length, then its body, so each goes out as two Noise messages (two
+encryptions, two socket sends, two wake-ups at the reader). A provide sweep's
+receiver echoes each ADD_PROVIDER that way: in an 8-puller swarm that was
+~3,800 echo pairs a puller, as many Noise messages as the model's data.
+Fix, in `NetStream.write` for DHT streams only: a write that is one complete
+varint is held and sent with the next write on the stream, its body. At most
+one write is held, and the next write always releases it, so order is kept.
+
 `libp2p.rcmgr` does not cover either attack: its stream limit is one global
 count (10 000 by default), with no per-peer or per-protocol share, and its
 `ProtocolRateLimiter` is not wired into the host.
@@ -55,6 +64,7 @@ from libp2p.kad_dht import kad_dht as kad_module
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.provider_store import ProviderRecord, ProviderStore
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
@@ -390,9 +400,30 @@ def _wrap_cleanup_expired(upstream: Callable[[ProviderStore], None]) -> Callable
     return cleanup_expired
 
 
+def is_one_varint(data: bytes) -> bool:
+    """A complete unsigned varint and nothing after it: every byte but the last has the high bit."""
+    return 0 < len(data) <= 10 and data[-1] < 0x80 and all(b >= 0x80 for b in data[:-1])
+
+
+def _join_length_and_body(upstream: Callable[..., Any]) -> Callable[..., Any]:
+    async def write(self: NetStream, data: bytes) -> None:
+        if self.protocol_id == kad_module.PROTOCOL_ID:
+            held = self.__dict__.get("_gguf_held_length")
+            if held is not None:
+                self.__dict__["_gguf_held_length"] = None
+                data = held + data
+            elif is_one_varint(data):
+                self.__dict__["_gguf_held_length"] = bytes(data)
+                return
+        await upstream(self, data)
+
+    return write
+
+
 def apply() -> None:
     if getattr(KadDHT, "_gguf_swarm_kad_patch", False):
         return
+    NetStream.write = _join_length_and_body(NetStream.write)  # type: ignore[method-assign]
     KadDHT.handle_stream = _handle_stream  # type: ignore[method-assign]
     kad_module.read_varint_prefixed_bytes_limited = _wrap_read(kad_module.read_varint_prefixed_bytes_limited)
     ProviderStore.add_provider = _add_provider  # type: ignore[method-assign]

@@ -1,12 +1,15 @@
 """The transport patches that cut per-byte work: buffered TCP reads, Noise
-messages read in one wake-up, and batched Yamux window updates
-(node/libp2p_patches/tcp.py, yamux.py)."""
+messages read in one wake-up, batched Yamux window updates, and DHT messages
+written whole (node/libp2p_patches/tcp.py, yamux.py, kad.py)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import trio
+import varint
+from libp2p.bitswap.cid import parse_cid
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.trio import TrioTCPStream
@@ -16,7 +19,10 @@ from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 from node.host import connect, make_host, parse_peer_addr
 from node.libp2p_patches import apply_all
+from node.libp2p_patches.kad import is_one_varint
 from node.libp2p_patches.tcp import READ_AHEAD, buffered_bytes
+from protocol.cid import cid_of
+from tests.integration.test_swarm import node_at
 
 BULK = TProtocol("/gguf-swarm-test/bulk/1.0.0")
 
@@ -128,3 +134,40 @@ async def test_a_bulk_stream_sends_few_window_updates() -> None:
     # One update per frame read would be ~512; go-yamux's half-window rule with
     # an auto-tuned window sends a few dozen.
     assert updates < 100, updates
+
+
+def test_one_varint_is_told_from_a_message() -> None:
+    assert is_one_varint(b"\x26") and is_one_varint(b"\x80\x01")
+    assert not is_one_varint(b"") and not is_one_varint(b"\x08\x03") and not is_one_varint(b"\x80")
+
+
+async def test_a_dht_request_and_its_answer_each_go_out_as_one_write(tmp_path: Path) -> None:
+    """py-libp2p writes a DHT message's varint length and its body separately:
+    two Noise messages each. Patched, each is one write of length + body."""
+    cid = cid_of(b"a key the answering node provides")
+    key = parse_cid(cid).multihash
+    writes: list[bytes] = []
+    upstream = YamuxStream.write
+
+    async def recorded(self: YamuxStream, data: bytes) -> None:
+        writes.append(bytes(data))
+        await upstream(self, data)
+
+    async with node_at(tmp_path / "answers") as answering:
+        await answering.dht.provide(cid)
+        async with node_at(tmp_path / "asks", answering.addrs()[:1]) as asking:
+            YamuxStream.write = recorded  # type: ignore[method-assign]
+            try:
+                with trio.fail_after(10):
+                    providers, _ = await asking.dht.provider_store._get_providers_from_peer_with_closers(
+                        answering.peer_id, key
+                    )
+            finally:
+                YamuxStream.write = upstream  # type: ignore[method-assign]
+    assert answering.peer_id in {p.peer_id for p in providers}
+    with_key = [w for w in writes if key in w]
+    assert len(with_key) == 2, [len(w) for w in writes]  # the GET_PROVIDERS and its answer
+    for w in with_key:
+        prefix = next(i for i, b in enumerate(w) if b < 0x80) + 1
+        assert varint.decode_bytes(w[:prefix]) == len(w) - prefix, w.hex()
+    assert not any(is_one_varint(w) for w in writes)
