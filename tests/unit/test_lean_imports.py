@@ -1,0 +1,46 @@
+"""Start-up without py-libp2p's QUIC, WebTransport, relay and AutoTLS code
+(node/lean_imports.py): they are never loaded, and what upstream does with
+their names still works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from node.lean_imports import UnavailableFeature, is_unused
+
+
+def test_a_node_process_never_loads_the_unused_packages() -> None:
+    probe = (
+        "import sys, node.node, node.pull, node.cli\n"
+        "from node.lean_imports import is_unused\n"
+        "loaded = [m for m, mod in sys.modules.items() if is_unused(m) and getattr(mod, '__file__', None)]\n"
+        "print(len(loaded), 'aioquic' in sys.modules, 'libp2p' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["0", "True", "True"]  # asked for, served as stand-ins, none from a file
+
+
+def test_stand_ins_are_exception_types_that_never_match_and_cannot_be_made() -> None:
+    from libp2p.network.stream.net_stream import QUICStreamClosedError  # a stand-in in this process too
+
+    if getattr(sys.modules.get("libp2p.transport.quic.exceptions"), "__file__", None):
+        pytest.skip("py-libp2p was imported before node in this process: the real modules are loaded")
+    try:
+        raise ValueError("an ordinary error")
+    except QUICStreamClosedError:
+        raise AssertionError("a stand-in matched") from None
+    except ValueError:
+        pass
+    assert not isinstance(ValueError(), QUICStreamClosedError)
+    with pytest.raises(UnavailableFeature, match="not part of gguf-swarm"):
+        QUICStreamClosedError("x")
+
+
+def test_only_the_named_packages_and_what_is_under_them_are_stand_ins() -> None:
+    assert is_unused("aioquic") and is_unused("aioquic.quic.connection")
+    assert is_unused("libp2p.transport.quic.utils") and is_unused("libp2p.relay.circuit_v2.nat")
+    assert not is_unused("libp2p.transport") and not is_unused("libp2p.transport.tcp.tcp")
+    assert not is_unused("libp2p.transport.quicker") and not is_unused("aioquickly")
