@@ -101,17 +101,21 @@ def test_which_vocabularies_have_vectors(llama_vocab_dir: Path) -> None:
     assert sorted(n for n in with_inp if VOCAB_MODELS[n] in SUPPORTED) == WITH_VECTORS
 
 
-_BUILT: dict[tuple[Path, str], Path] = {}  # each vocabulary's files, built once for the tests that load them
+@pytest.fixture(scope="module")
+def built_vocabs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where each vocabulary's files are built, once for the tests that load them
+    (a test's own tmp_path is removed when it passes)."""
+    return tmp_path_factory.mktemp("vocabs")
 
 
-def written_tokenizer(folder: Path, name: str, tmp_path: Path) -> Any:
+def written_tokenizer(folder: Path, name: str, built_vocabs: Path) -> Any:
     """A fresh Tokenizer of our files for vocabulary `name` (the files are built
     once per run; each test loads its own copy, as its settings change it)."""
     tokenizers = pytest.importorskip("tokenizers")
-    built = _BUILT.get((folder, name))
-    if built is None:
-        fr.write_tokenizer_files(fr.parse_header(vocab_file(folder, name).read_bytes()), tmp_path)
-        built = _BUILT[(folder, name)] = tmp_path
+    built = built_vocabs / name
+    if not (built / "tokenizer.json").exists():
+        built.mkdir(exist_ok=True)
+        fr.write_tokenizer_files(fr.parse_header(vocab_file(folder, name).read_bytes()), built)
     return tokenizers.Tokenizer.from_file(str(built / "tokenizer.json"))
 
 
@@ -122,8 +126,8 @@ def written_tokenizer(folder: Path, name: str, tmp_path: Path) -> Any:
         for n in WITH_VECTORS
     ],
 )
-def test_token_ids_match_llama_cpp(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
-    tok = written_tokenizer(llama_vocab_dir, name, tmp_path)
+def test_token_ids_match_llama_cpp(llama_vocab_dir: Path, name: str, built_vocabs: Path) -> None:
+    tok = written_tokenizer(llama_vocab_dir, name, built_vocabs)
     tok.encode_special_tokens = True  # parse_special = false: control tokens in the text are plain text
     cases = vectors(llama_vocab_dir, name)
     wrong = [(text, ids, got) for text, ids in cases if (got := tok.encode(text, add_special_tokens=False).ids) != ids]
@@ -135,10 +139,10 @@ LLAMA_CPP_IDS = json.loads((FIXTURES / "llama-cpp-ids.json").read_text(encoding=
 
 
 @pytest.mark.parametrize("name", NO_VECTORS)
-def test_vocabularies_without_vectors(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
+def test_vocabularies_without_vectors(llama_vocab_dir: Path, name: str, built_vocabs: Path) -> None:
     """aquila and gpt-neox have no `tokenizer.ggml.pre` (llama.cpp's default regexes);
     nomic-bert-moe is a T5-style Unigram vocabulary."""
-    tok = written_tokenizer(llama_vocab_dir, name, tmp_path)
+    tok = written_tokenizer(llama_vocab_dir, name, built_vocabs)
     tok.encode_special_tokens = True
     texts = [text for text, _ in vectors(llama_vocab_dir, "llama-bpe")]
     expected = LLAMA_CPP_IDS["plain"][name]
@@ -158,16 +162,16 @@ def check_special_cases(tok: Any, cases: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(set(LLAMA_CPP_IDS["special"]) - {"gemma3"}))
-def test_special_tokens_in_the_text(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
+def test_special_tokens_in_the_text(llama_vocab_dir: Path, name: str, built_vocabs: Path) -> None:
     """Includes llama.cpp's fix-ups: tokens it makes control tokens by their text
     (aquila's <|endoftext|>, deepseek-coder's FIM tokens, qwen2's </s>) and phi-3's,
     which swallow the whitespace after them."""
-    check_special_cases(written_tokenizer(llama_vocab_dir, name, tmp_path), LLAMA_CPP_IDS["special"][name])
+    check_special_cases(written_tokenizer(llama_vocab_dir, name, built_vocabs), LLAMA_CPP_IDS["special"][name])
 
 
 @pytest.mark.parametrize("name", sorted(LLAMA_CPP_IDS["add_special"]))
-def test_bos_and_eos_as_llama_cpp_adds_them(llama_vocab_dir: Path, name: str, tmp_path: Path) -> None:
+def test_bos_and_eos_as_llama_cpp_adds_them(llama_vocab_dir: Path, name: str, built_vocabs: Path) -> None:
     """llama-bpe's file has no `add_bos_token`: llama.cpp adds BOS for its pre-tokenizer."""
-    tok = written_tokenizer(llama_vocab_dir, name, tmp_path)
+    tok = written_tokenizer(llama_vocab_dir, name, built_vocabs)
     for case in LLAMA_CPP_IDS["add_special"][name]:
         assert tok.encode(case["text"]).ids == case["ids"], case["text"]
