@@ -28,7 +28,6 @@ from protocol.exchange import EXCHANGE_PROTOCOL_ID, encode_exchange
 
 from . import manifest_index
 from .blockstore import ModelBlocks
-from .dashboard import serve_dashboard
 from .host import (
     NodeError,
     PeerLimits,
@@ -393,6 +392,8 @@ async def open_node(config: NodeConfig, wait_for_index: bool = True) -> AsyncIte
                         if config.metrics is not None:
                             node.metrics_url = await stack.enter_async_context(serve_metrics(node, *config.metrics))
                         if config.web is not None:
+                            from .dashboard import serve_dashboard  # hypercorn: only for a node that serves it
+
                             node.dashboard_url = await stack.enter_async_context(serve_dashboard(node, *config.web))
                         if config.mdns:
                             await stack.enter_async_context(lan_discovery(node))
