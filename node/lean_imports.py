@@ -4,10 +4,10 @@
 aioquic under them), circuit relay v2 and AutoTLS, because `libp2p/__init__.py`,
 `BasicHost`, `NetStream` and the swarm import names from them at module
 level. A node uses none of them: TCP + Noise + Yamux, the DHT, identify and
-ping. They cost ~0.25 s of CPU at every process start (`-X importtime`:
-`import node.node` 0.76 -> 0.43 s), and on a machine where every core is busy
-a `pull` is that much later to listen: 9 nodes starting at once on 2 cores
-waited ~4 s for their imports before the first byte moved.
+ping. They cost ~0.2 s of CPU at every process start (a process importing
+`node.node` and the CLI: 1.04 -> 0.83 s, medians of 8 pairs), and where
+every core is busy a `pull` is that much later to listen: 9 nodes starting
+at once on 2 cores listened ~4 s after they started.
 
 Before py-libp2p is first imported, `install()` puts a finder at the front of
 `sys.meta_path` that serves those packages as empty stand-in modules. A name
