@@ -348,10 +348,11 @@ def _add_provider(self: ProviderStore, key: bytes, provider: PeerInfo) -> None:
     if not provider or not provider.peer_id:
         return
     book = ledger(self)
-    pid = str(provider.peer_id)
+    info = _interned_info(self, provider)
+    pid = str(info.peer_id)  # the interned ID keeps its base58 (a fresh one costs a big-int division per byte)
     local_pid = str(self.local_peer_id)
     local = pid == local_pid
-    record = ProviderRecord(_interned_info(self, provider), time.time())
+    record = ProviderRecord(info, time.time())
     records = self.providers.get(key)
     if records is not None and pid in records:  # a refresh: no new entry
         records[pid] = record
