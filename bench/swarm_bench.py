@@ -135,12 +135,19 @@ def _watch(proc: subprocess.Popen[str], k: int, start: float, data: list[float],
 
 
 def run_bittorrent(lab: Path, model: Path, n: int, up: int, down: int, seed_up: int) -> float:
-    out = subprocess.run(
-        ["bash", str(lab / "bt_baseline.sh"), str(model), str(n), str(up), str(down), str(seed_up)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    before = set(Path("/tmp").glob("btlab.*"))
+    try:
+        out = subprocess.run(
+            ["bash", str(lab / "bt_baseline.sh"), str(model), str(n), str(up), str(down), str(seed_up)],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    finally:
+        # bt_baseline.sh leaves its folder (every leecher's copy, 1-2 GB) behind:
+        # runs of this bench filled the disk that the test suite then needed.
+        for folder in set(Path("/tmp").glob("btlab.*")) - before:
+            shutil.rmtree(folder, ignore_errors=True)
     m = re.search(r"BT all done: ([0-9.]+) s", out.stdout)
     if not m:
         raise SystemExit(f"BitTorrent baseline failed: {out.stdout[-500:]} {out.stderr[-500:]}")
