@@ -39,8 +39,9 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as YAMUX_HEADER_SIZE
 
-from protocol import Error
+from protocol import MAX_CHUNK, Error
 from protocol.exchange import (
     EXCHANGE_PROTOCOL_ID,
     MAX_BITFIELD_BYTES,
@@ -67,6 +68,7 @@ from .blockstore import BadManifest, ModelBlocks
 from .byte_budget import ByteBudget
 from .choker import Choker, PeerRates
 from .host import PERMANENT_TTL
+from .libp2p_patches.yamux import NOISE_MAX_PLAINTEXT
 from .picker import BlockPicker
 from .rates import RateMeter
 from .seeding import SuperSeeding
@@ -77,7 +79,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024  # one write; a control frame waits at most this long behind a block
+# A block goes out in writes of at most four Yamux DATA frames (each one Noise
+# message, libp2p_patches/yamux.py), control frames that wait joined in front.
+# A write of a 256 KiB chunk and its header was four full frames and a fifth of
+# ~160 bytes: a Noise message, with all its per-message work at both ends, for
+# every 256 KiB sent. So a chunk fills what is left of four frames, and a block
+# ends in one short frame instead of four. A control frame waits at most one
+# write behind a block.
+CHUNK_WRITE = 4 * (NOISE_MAX_PLAINTEXT - YAMUX_HEADER_SIZE)
+CHUNK_HEADER_MAX = 64  # a chunk frame's length prefix and msgpack header (46 bytes for 2**32 blocks)
+MIN_JOINED_CHUNK = 64 * 1024  # less room than this after waiting control frames: they go alone first
 TICK = 0.25
 MAX_LINKS = 60  # sessions per model
 MAX_DIALS = 8  # session dials in flight at once
@@ -502,21 +513,29 @@ class ModelSwarm:
                 link.send(RejectBlock(block))
             return
         view = memoryview(data)
-        for offset in range(0, max(len(data), 1), CHUNK):
-            if link.out:  # control frames produced meanwhile go first
-                pending = b"".join(link.out)
-                link.out.clear()
+        offset = 0
+        while True:
+            pending = b"".join(link.out)  # control frames produced meanwhile go first, in the same write
+            link.out.clear()
+            room = CHUNK_WRITE - CHUNK_HEADER_MAX - len(pending)
+            if room < MIN_JOINED_CHUNK:
                 await self._write(link, pending)
-            chunk = view[offset : offset + CHUNK]
+                pending, room = b"", CHUNK_WRITE - CHUNK_HEADER_MAX
+            chunk = view[offset : offset + min(room, MAX_CHUNK)]
             await self.node.throttle(len(chunk))
             if session.closed or session.peer_requests.get(block) != offset:
+                if pending:
+                    await self._write(link, pending)
                 return  # a Choke rejected it while we read it or waited for the rate limit
             frame = session.send_chunk(block, offset, chunk)
-            await self._write(link, frame)
+            await self._write(link, pending + frame if pending else frame)
+            offset += len(chunk)
             now = trio.current_time()
             link.up.add(len(chunk), now)
             link.uploaded_since_unchoke += len(chunk)
             self.stats.bytes_uploaded += len(chunk)
+            if offset >= len(data):
+                break
         if self.seeding is not None:
             now = trio.current_time()
             self.seeding.sent(link.peer, block, now)

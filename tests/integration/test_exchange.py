@@ -12,16 +12,19 @@ from typing import Any
 import pytest
 import trio
 from gguf import GGMLQuantizationType as T
+from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as YAMUX_HEADER_SIZE
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 import fragmenter as fr
 import node.manifest_fetch as manifest_fetch
 import node.pull as pull_module
 import node.swarm as swarm_module
 from node.host import NodeError
+from node.libp2p_patches.yamux import NOISE_MAX_PLAINTEXT
 from node.node import Node
 from node.pull import PullOptions, pull_model
 from node.server import ServeLimits
-from node.swarm import STRIKES, ModelSwarm
+from node.swarm import CHUNK_WRITE, STRIKES, ModelSwarm
 from protocol import PROTOCOL_ID, Data, Error, ErrorCode, encode_frame
 from protocol.exchange import (
     EXCHANGE_PROTOCOL_ID,
@@ -79,6 +82,36 @@ async def test_blocks_are_passed_on_before_their_fragment_is_complete(tmp_path: 
             assert sha256_file(out) == sha256_file(model)
     assert from_each_other > 0
     assert served_partial > 0  # a block went out before its own fragment was whole
+
+
+async def test_a_block_goes_out_in_whole_frames(tmp_path: Path) -> None:
+    """Each write of block data fills at most four Yamux frames (one Noise
+    message each): a 256 KiB chunk and its header made four full frames and a
+    ~160-byte fifth, a message for nothing every 256 KiB."""
+    model, folder = big_fragment_model(tmp_path / "seed")
+    frame = NOISE_MAX_PLAINTEXT - YAMUX_HEADER_SIZE
+    writes: list[int] = []
+    upstream = YamuxStream.write
+
+    async def recorded(self: YamuxStream, data: bytes) -> None:
+        writes.append(len(data))
+        await upstream(self, data)
+
+    async with node_at(tmp_path / "seed") as seed, node_at(tmp_path / "p", seed.addrs()[:1]) as puller:
+        model_cid = next(iter(seed.store.models))
+        YamuxStream.write = recorded  # type: ignore[method-assign]
+        try:
+            await pull_model(puller, model_cid, PullOptions(find_timeout=20))
+        finally:
+            YamuxStream.write = upstream  # type: ignore[method-assign]
+        out = tmp_path / "out.gguf"
+        fr.assemble(puller.store.models[model_cid].folder, out)
+        assert sha256_file(out) == sha256_file(model)
+    blocks = sum(-(-e.size // (1 << 20)) for e in fr.read_manifest(folder).fragments)
+    data_writes = [n for n in writes if n > frame]
+    assert len(data_writes) >= 4 * blocks  # each block's first 4 x ~256 KiB (its last ~700 bytes go alone)
+    assert max(data_writes) <= CHUNK_WRITE
+    assert sum(-(-n // frame) for n in data_writes) <= 16 * blocks  # 1 MiB in 16 frames, was 20
 
 
 async def test_an_idle_session_sends_nothing(tmp_path: Path) -> None:
