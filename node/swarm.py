@@ -513,20 +513,27 @@ class ModelSwarm:
                 link.send(RejectBlock(block))
             return
         view = memoryview(data)
+        room = CHUNK_WRITE - CHUNK_HEADER_MAX
         offset = 0
+
+        def rejected() -> bool:  # a Choke or Cancel while we read it, waited, or wrote
+            return session.closed or session.peer_requests.get(block) != offset
+
         while True:
-            pending = b"".join(link.out)  # control frames produced meanwhile go first, in the same write
+            size = min(room, MAX_CHUNK, len(data) - offset)
+            await self.node.throttle(size)
+            if rejected():
+                return
+            # Control frames produced meanwhile (during the rate limit's wait too)
+            # go first, in the same write when they leave room for enough of a chunk.
+            pending = b"".join(link.out)
             link.out.clear()
-            room = CHUNK_WRITE - CHUNK_HEADER_MAX - len(pending)
-            if room < MIN_JOINED_CHUNK:
+            if len(pending) > room - MIN_JOINED_CHUNK:
                 await self._write(link, pending)
-                pending, room = b"", CHUNK_WRITE - CHUNK_HEADER_MAX
-            chunk = view[offset : offset + min(room, MAX_CHUNK)]
-            await self.node.throttle(len(chunk))
-            if session.closed or session.peer_requests.get(block) != offset:
-                if pending:
-                    await self._write(link, pending)
-                return  # a Choke rejected it while we read it or waited for the rate limit
+                pending = b""
+                if rejected():
+                    return
+            chunk = view[offset : offset + min(size, room - len(pending))]
             frame = session.send_chunk(block, offset, chunk)
             await self._write(link, pending + frame if pending else frame)
             offset += len(chunk)
