@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .assemble import AssembleResult, assemble
+from .assembly import AssembleResult, assemble
 from .errors import FragmenterError
 from .folder import verify_folder
 from .fragment import DEFAULT_CHUNK_SIZE, fragment_model

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFFormatError
 from .gguf_spec import (
@@ -26,6 +25,9 @@ from .gguf_spec import (
     SUPPORTED_VERSIONS,
     ValueType,
 )
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
 
 # Sanity caps, so a corrupt length field fails fast instead of allocating.
 _MAX_DIMS = 8
@@ -82,11 +84,11 @@ class TensorInfo:
 
     @property
     def block_size(self) -> int:
-        return GGML_QUANT_SIZES[self.ggml_type][0]
+        return _quant_sizes()[self.ggml_type][0]
 
     @property
     def type_size(self) -> int:
-        return GGML_QUANT_SIZES[self.ggml_type][1]
+        return _quant_sizes()[self.ggml_type][1]
 
     @property
     def n_bytes(self) -> int:
@@ -191,6 +193,16 @@ class _Cursor:
         return GGUFArray(etype, count, values)
 
 
+def _quant_sizes() -> dict[GGMLQuantizationType, tuple[int, int]]:
+    # gguf-py is imported when a header is first parsed, not with this module:
+    # its package brings in sentencepiece and yaml (~40 ms), and a node that
+    # only moves fragments (a pull: the tokenizer is built in another process)
+    # never parses one.
+    from gguf import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES
+
+
 def parse_header(buf: Any) -> GGUFHeader:
     """Parse the GGUF header at the start of `buf` (bytes, mmap or memoryview).
 
@@ -226,6 +238,8 @@ def parse_header(buf: Any) -> GGUFHeader:
         metadata[key] = c.value(vtype, key)
         types[key] = vtype
     alignment = _alignment(metadata, types)
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # see _quant_sizes
 
     tensors: list[TensorInfo] = []
     for i in range(n_tensors):

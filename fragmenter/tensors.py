@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf.quants import dequantize
 
 from .errors import FragmenterError, FragmentError
 from .folder import FragmentFolder, open_folder, read_fragment_chunks
@@ -48,6 +47,8 @@ def _row_blocks(folder: FragmentFolder, info: TensorInfo, shards: list[FragmentE
 
 
 def _dequantize_rows(info: TensorInfo, data: bytes) -> np.ndarray:
+    from gguf.quants import dequantize  # here: see gguf_header._quant_sizes
+
     raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, info.row_bytes)
     try:
         values = dequantize(raw, info.ggml_type)

@@ -32,3 +32,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def parse_web_addr(text: str | int) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or a bare `PORT` (on 127.0.0.1); HOST must be
+    loopback (`localhost` is taken as 127.0.0.1). ValueError otherwise."""
+    host, port = parse_host_port(text, "web", 8080)
+    if not is_loopback(host):
+        raise ValueError(
+            f"web: the dashboard is served on loopback only (127.0.0.1, [::1] or localhost), not {host}; "
+            "from another machine, use an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST)"
+        )
+    return (DEFAULT_HOST if host == "localhost" else host), port

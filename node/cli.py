@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from fragmenter import FragmenterError, assemble, fragment_model
-from fragmenter.assemble import AssembleResult
+from fragmenter.assembly import AssembleResult
 from fragmenter.cli import (
     add_fragmenter_commands,
     assembled_fields,

@@ -89,7 +89,7 @@ def _env_metrics(text: str) -> str:
 
 
 def _env_web(text: str) -> str:
-    from .dashboard import parse_web_addr
+    from .addresses import parse_web_addr
 
     parse_web_addr(text.strip())
     return text.strip()
@@ -211,7 +211,7 @@ def node_config(doc: dict[str, Any], args: argparse.Namespace, source: str = "co
     """The file's values, with any flag given on the command line taking precedence."""
     # Here, not at the top: the CLI reads settings for every command, and py-libp2p
     # (which these bring in) takes about a second to import.
-    from .dashboard import parse_web_addr
+    from .addresses import parse_web_addr
     from .host import PeerLimits
     from .metrics import parse_metrics_addr
     from .node import NodeConfig

@@ -37,13 +37,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from fragmenter.progress import human_bytes
 from protocol import is_cid
 
-from .addresses import DEFAULT_HOST, is_loopback, parse_host_port
+from .addresses import is_loopback
 from .dashboard_state import Caches, PullState, RateHistory, build, collect, totals
 from .errors import NodeError, first_leaf
 
@@ -75,18 +73,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 # ---- addresses ----------------------------------------------------------------
-
-
-def parse_web_addr(text: str | int) -> tuple[str, int]:
-    """`HOST:PORT`, `[::1]:PORT` or a bare `PORT` (on 127.0.0.1); HOST must be
-    loopback (`localhost` is taken as 127.0.0.1). ValueError otherwise."""
-    host, port = parse_host_port(text, "web", 8080)
-    if not is_loopback(host):
-        raise ValueError(
-            f"web: the dashboard is served on loopback only (127.0.0.1, [::1] or localhost), not {host}; "
-            "from another machine, use an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST)"
-        )
-    return (DEFAULT_HOST if host == "localhost" else host), port
 
 
 def host_allowed(value: str) -> bool:
@@ -314,6 +300,11 @@ async def serve_dashboard(node: Node, host: str, port: int) -> AsyncIterator[str
     its URL with the token in the fragment. The port is released on the way out."""
     if not is_loopback(host):
         raise NodeError(f"the dashboard is served on loopback only, not on {host}")
+    # Here, not at the top: hypercorn takes ~0.1 s to import, and a node
+    # without a dashboard (every pull) need not pay it.
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
     app = DashboardApp(node, secrets.token_urlsafe(24))
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]

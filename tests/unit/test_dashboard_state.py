@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from node.dashboard import host_allowed, origin_allowed, parse_web_addr
+from node.addresses import parse_web_addr
+from node.dashboard import host_allowed, origin_allowed
 from node.dashboard_state import (
     HISTORY,
     MAX_CELLS,

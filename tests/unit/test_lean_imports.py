@@ -1,6 +1,6 @@
-"""Start-up without py-libp2p's QUIC, WebTransport, relay and AutoTLS code
-(node/lean_imports.py): they are never loaded, and what upstream does with
-their names still works."""
+"""Start-up without py-libp2p's QUIC, WebTransport, WebSocket, relay and
+AutoTLS code, or dnspython's DNS over HTTPS and QUIC (node/lean_imports.py):
+they are never loaded, and what upstream does with their names still works."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_a_node_process_never_loads_the_unused_packages() -> None:
         "import sys, node.node, node.pull, node.cli\n"
         "from node.lean_imports import is_unused\n"
         "loaded = [m for m, mod in sys.modules.items() if is_unused(m) and getattr(mod, '__file__', None)]\n"
-        "print(len(loaded), 'aioquic' in sys.modules, 'libp2p' in sys.modules)\n"
+        "print(len(loaded), 'libp2p.transport.quic' in sys.modules, 'libp2p' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["0", "True", "True"]  # asked for, served as stand-ins, none from a file
@@ -44,3 +44,36 @@ def test_only_the_named_packages_and_what_is_under_them_are_stand_ins() -> None:
     assert is_unused("libp2p.transport.quic.utils") and is_unused("libp2p.relay.circuit_v2.nat")
     assert not is_unused("libp2p.transport") and not is_unused("libp2p.transport.tcp.tcp")
     assert not is_unused("libp2p.transport.quicker") and not is_unused("aioquickly")
+
+
+def test_a_node_process_resolves_dns_without_loading_http_or_quic_clients() -> None:
+    probe = (
+        "import sys, node.node, node.pull, node.cli, libp2p.transport.tcp.tcp, dns.query, dns.asyncresolver\n"
+        "print(dns.query.have_doh, [m for m in ('httpx2', 'httpcore2', 'h2', 'hypercorn', 'statistics') "
+        "if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "[]"]
+
+
+def test_the_fragmenter_package_loads_its_names_on_use() -> None:
+    probe = (
+        "import sys, fragmenter\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fragmenter.')))\n"
+        "import fragmenter.assembly\n"  # a submodule imported first must not shadow a name
+        "from fragmenter import assemble, parse_header, Manifest\n"
+        "print(callable(assemble), type(assemble).__name__, 'gguf' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == ["[]", "True function False"]
+
+
+def test_every_name_the_fragmenter_package_exports_resolves() -> None:
+    import types
+
+    import fragmenter
+
+    for name in fragmenter.__all__:
+        assert not isinstance(getattr(fragmenter, name), types.ModuleType), name
+    with pytest.raises(AttributeError):
+        fragmenter.no_such_name  # noqa: B018
