@@ -8,6 +8,7 @@ goodput); in its own process it runs on another core.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -15,6 +16,9 @@ if __name__ == "__main__":
     # A background job: on a machine whose cores the transfer keeps busy, it
     # takes what the transfer leaves (its imports too) and has them all after.
     os.nice(10)
+    # A short life that makes ~10^6 objects and no cycles worth finding: the
+    # collector's passes over them were ~10% of its CPU (0.85 -> 0.76 s, Gemma).
+    gc.disable()
 
 from pathlib import Path  # noqa: E402
 
