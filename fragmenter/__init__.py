@@ -11,7 +11,12 @@ they use, not the assembler and the tensor loader (~50 ms a start).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# Before numpy loads: OpenBLAS's thread pool cost 0.075 s of CPU at every
+# import (0.16 -> 0.09 s, farm-bench), and nothing here multiplies matrices.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 if TYPE_CHECKING:
     from .assembly import AssembleResult, assemble

@@ -4,6 +4,7 @@ they are never loaded, and what upstream does with their names still works."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -77,3 +78,11 @@ def test_every_name_the_fragmenter_package_exports_resolves() -> None:
         assert not isinstance(getattr(fragmenter, name), types.ModuleType), name
     with pytest.raises(AttributeError):
         fragmenter.no_such_name  # noqa: B018
+
+
+def test_numpy_starts_no_blas_threads_in_a_node_or_builder_process() -> None:
+    for entry in ("node.cli", "fragmenter.build_tokenizer"):
+        probe = f"import os, {entry}, numpy\nprint(len(os.listdir('/proc/self/task')))\n"
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+        assert out.stdout.split() == ["1"], (entry, out.stdout, out.stderr[-300:])
