@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +69,7 @@ from .byte_budget import ByteBudget
 from .choker import Choker, PeerRates
 from .host import PERMANENT_TTL
 from .libp2p_patches.yamux import NOISE_MAX_PLAINTEXT
-from .picker import BlockPicker
+from .picker import BlockPicker, copy_saves_time
 from .rates import RateMeter
 from .seeding import SuperSeeding
 from .store import LocalModel
@@ -744,8 +744,14 @@ class ModelSwarm:
             return  # requests go out a batch at a time: one write, not one per block received
         target_bytes = min(max(MIN_QUEUE_BYTES, link.down.rate(now) * REQUEST_HORIZON), config.request_bytes_per_peer)
         queued = self.layout.block_bytes(session.our_requests)
+
+        def copy_ok(peer: ID, block: int, asked: Sequence[ID]) -> bool:  # an endgame copy, of this link's peer
+            rate = link.down.rate(now)
+            eta_copy = (queued + self.layout.block_length(block)) / rate if rate > 0 else math.inf
+            return copy_saves_time([self._eta(self.links.get(p), block, now) for p in asked], eta_copy)
+
         while room > 0 and queued < target_bytes:
-            picks = picker.pick(link.peer, 1)
+            picks = picker.pick(link.peer, 1, copy_ok)
             if not picks:
                 break
             block = picks[0]
@@ -762,6 +768,22 @@ class ModelSwarm:
                 self.stats.first_request = time.monotonic()
             queued += self.layout.block_length(block)
             room -= 1
+
+    def _eta(self, link: PeerLink | None, block: int, now: float) -> float:
+        """Seconds until `block` is in from this link at its measured rate, the
+        rest of what was asked of it before the block first; inf when the link
+        is gone, has sent nothing lately, or no longer has the block asked."""
+        if link is None or block not in link.session.our_requests:
+            return math.inf
+        rate = link.down.rate(now)
+        if rate <= 0:
+            return math.inf
+        ahead = 0
+        for asked, received in link.session.our_requests.items():  # in the order asked (and served)
+            ahead += self.layout.block_length(asked) - received
+            if asked == block:
+                break
+        return ahead / rate
 
     # ---- hashes ------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ Every picker here is a `Checked` one: it runs check_invariants() after every cal
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import node.picker
-from node.picker import BlockPicker
+from node.picker import BlockPicker, copy_saves_time
 
 
 def _checked(name: str) -> Callable[..., Any]:
@@ -191,6 +192,31 @@ def test_endgame_copies_bound_the_requesters() -> None:
     p = make(2, copies=1, a="**", b="**")
     p.pick("a", 2)
     assert p.pick("b", 2) == []  # endgame_copies=1: no endgame at all
+
+
+def test_endgame_copies_only_where_the_caller_agrees() -> None:
+    p = make(3, copies=3, a="***", b="***", c="***")
+    assert sorted(p.pick("a", 3)) == [0, 1, 2]
+    asked: list[tuple[str, int, list[str]]] = []
+
+    def only_block_1(peer: str, block: int, requesters: Sequence[str]) -> bool:
+        asked.append((peer, block, list(requesters)))
+        return block == 1
+
+    assert p.pick("b", 3, only_block_1) == [1]  # 0 and 2 were refused: not asked of b
+    assert sorted(asked) == [("b", 0, ["a"]), ("b", 1, ["a"]), ("b", 2, ["a"])]
+    assert p.pick("c", 3, lambda peer, block, requesters: False) == []
+    assert requested(p) == {0: {"a"}, 1: {"a", "b"}, 2: {"a"}}
+    assert sorted(p.pick("c", 3)) == [0, 1, 2]  # no rule given: every copy is allowed
+
+
+def test_an_endgame_copy_must_come_much_sooner_than_the_request_it_races() -> None:
+    assert not copy_saves_time([2.0], 1.5)  # a tie, near enough: the sender's upload for nothing
+    assert not copy_saves_time([2.0], 1.0)  # exactly COPY_SPEEDUP sooner is not enough
+    assert copy_saves_time([2.0], 0.9)
+    assert not copy_saves_time([5.0, 1.0], 0.9)  # the soonest request already asked decides
+    assert copy_saves_time([math.inf], 30.0)  # the peer asked sends nothing (stalled, or new)
+    assert not copy_saves_time([2.0], math.inf)  # nor does the one we would ask
 
 
 def test_endgame_prefers_the_blocks_with_fewest_requesters() -> None:
