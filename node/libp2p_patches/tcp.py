@@ -8,7 +8,8 @@ through trio's scheduler: a cProfile of a 253 MB pull counted 19,255
 per-stream buffer, refilled by one `receive_some` of up to `READ_AHEAD` bytes;
 it still returns at most `n` bytes and never waits when bytes are buffered.
 The buffer holds at most one refill, so a connection costs at most
-`READ_AHEAD` more memory, and only while its reader is behind.
+`READ_AHEAD` more memory, and only while its reader is behind. It is the
+bytes read and an offset, so a read is one slice.
 
 Flaw 2: on a link slower than the machine, every TCP segment that arrives
 wakes the reader for a few KiB (`strace` of a puller in an 8-puller swarm on
@@ -49,20 +50,27 @@ def apply() -> None:
     async def read(self: TrioTCPStream, n: int | None = None) -> bytes:
         if n == 0:
             return b""
-        lock = self.__dict__.get("_buffer_lock")
+        d = self.__dict__
+        lock = d.get("_buffer_lock")
         if lock is None:
-            lock = self.__dict__["_buffer_lock"] = QuickLock()
+            lock = d["_buffer_lock"] = QuickLock()
         async with lock:  # two readers at once must not see bytes out of order
-            buffered: bytearray | None = self.__dict__.get("_read_buffer")
-            if not buffered:
-                _set_low_water(self, n if n is not None and n >= LOW_WATER_MIN and self.__dict__.get("_exact") else 1)
+            rest: bytes = d.get("_rest", b"")
+            at: int = d.get("_rest_at", 0)
+            if at >= len(rest):
+                _set_low_water(self, n if n is not None and n >= LOW_WATER_MIN and d.get("_exact") else 1)
                 data = await upstream_read(self, max(n or 0, READ_AHEAD))
                 if n is None or len(data) <= n:
                     return data
-                self.__dict__["_read_buffer"] = buffered = bytearray(data)
-            take = len(buffered) if n is None else min(n, len(buffered))
-            out = bytes(buffered[:take])
-            del buffered[:take]
+                rest, at = data, 0
+            # Kept as the bytes read and an offset: a read is one slice (a bytearray
+            # buffer cost three copies of every byte: in, sliced out, made bytes).
+            end = len(rest) if n is None else min(len(rest), at + n)
+            out = rest[at:end]
+            if end == len(rest):
+                d["_rest"], d["_rest_at"] = b"", 0
+            else:
+                d["_rest"], d["_rest_at"] = rest, end
             return out
 
     async def read_msg(self: NoisePacketReadWriter) -> bytes:
@@ -95,4 +103,4 @@ def _set_low_water(stream: TrioTCPStream, mark: int) -> None:
 
 def buffered_bytes(stream: Any) -> int:
     """Bytes read from the socket but not yet taken (tests)."""
-    return len(stream.__dict__.get("_read_buffer") or b"")
+    return len(stream.__dict__.get("_rest", b"")) - int(stream.__dict__.get("_rest_at", 0))
