@@ -742,13 +742,17 @@ class ModelSwarm:
         room = limit - len(session.our_requests)
         if room < min(REFILL_BATCH, max(1, limit // 2)):
             return  # requests go out a batch at a time: one write, not one per block received
-        target_bytes = min(max(MIN_QUEUE_BYTES, link.down.rate(now) * REQUEST_HORIZON), config.request_bytes_per_peer)
+        rate = link.down.rate(now)
+        target_bytes = min(max(MIN_QUEUE_BYTES, rate * REQUEST_HORIZON), config.request_bytes_per_peer)
         queued = self.layout.block_bytes(session.our_requests)
+        etas: dict[ID, dict[int, float]] = {}  # of each peer asked: its blocks' ETAs, worked out once a fill
 
         def copy_ok(peer: ID, block: int, asked: Sequence[ID]) -> bool:  # an endgame copy, of this link's peer
-            rate = link.down.rate(now)
             eta_copy = (queued + self.layout.block_length(block)) / rate if rate > 0 else math.inf
-            return copy_saves_time([self._eta(self.links.get(p), block, now) for p in asked], eta_copy)
+            for p in asked:
+                if p not in etas:
+                    etas[p] = self._etas(self.links.get(p), now)
+            return copy_saves_time([etas[p].get(block, math.inf) for p in asked], eta_copy)
 
         while room > 0 and queued < target_bytes:
             picks = picker.pick(link.peer, 1, copy_ok)
@@ -769,21 +773,21 @@ class ModelSwarm:
             queued += self.layout.block_length(block)
             room -= 1
 
-    def _eta(self, link: PeerLink | None, block: int, now: float) -> float:
-        """Seconds until `block` is in from this link at its measured rate, the
-        rest of what was asked of it before the block first; inf when the link
-        is gone, has sent nothing lately, or no longer has the block asked."""
-        if link is None or block not in link.session.our_requests:
-            return math.inf
+    def _etas(self, link: PeerLink | None, now: float) -> dict[int, float]:
+        """Seconds until each block asked of this link is in at its measured
+        rate, what was asked of it before the block first; none when the link
+        is gone or has sent nothing lately (their ETAs are then unknown)."""
+        if link is None:
+            return {}
         rate = link.down.rate(now)
         if rate <= 0:
-            return math.inf
+            return {}
+        etas: dict[int, float] = {}
         ahead = 0
-        for asked, received in link.session.our_requests.items():  # in the order asked (and served)
-            ahead += self.layout.block_length(asked) - received
-            if asked == block:
-                break
-        return ahead / rate
+        for block, received in link.session.our_requests.items():  # in the order asked (and served)
+            ahead += self.layout.block_length(block) - received
+            etas[block] = ahead / rate
+        return etas
 
     # ---- hashes ------------------------------------------------------------------
 
