@@ -35,6 +35,13 @@ class RateMeter:
         span = min(self.window, max(now - self._first, self.step))
         return sum(n for _, n in self._buckets) / span
 
+    def average(self, now: float) -> float:
+        """Bytes per second since the first byte: what a link that has gone idle
+        could still carry, by its record (`rate` falls to 0 while it idles)."""
+        if self._first is None:
+            return 0.0
+        return self.total / max(now - self._first, self.step)
+
     def _trim(self, slot: int) -> None:
         oldest = slot - int(self.window / self.step)
         while self._buckets and self._buckets[0][0] < oldest:

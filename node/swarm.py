@@ -746,9 +746,12 @@ class ModelSwarm:
         target_bytes = min(max(MIN_QUEUE_BYTES, rate * REQUEST_HORIZON), config.request_bytes_per_peer)
         queued = self.layout.block_bytes(session.our_requests)
         etas: dict[ID, dict[int, float]] = {}  # of each peer asked: its blocks' ETAs, worked out once a fill
+        # An idle link's recent rate is 0: what it carried before says what it can do;
+        # one that never sent us anything is unknown, and may be asked (0 s).
+        copy_rate = rate or link.down.average(now)
 
         def copy_ok(peer: ID, block: int, asked: Sequence[ID]) -> bool:  # an endgame copy, of this link's peer
-            eta_copy = (queued + self.layout.block_length(block)) / rate if rate > 0 else math.inf
+            eta_copy = (queued + self.layout.block_length(block)) / copy_rate if copy_rate > 0 else 0.0
             for p in asked:
                 if p not in etas:
                     etas[p] = self._etas(self.links.get(p), now)
