@@ -9,6 +9,7 @@ Every parsed record keeps its byte position.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,7 @@ class _Cursor:
         return GGUFArray(etype, count, values)
 
 
+@functools.cache  # asked per tensor, and per shard while a model is cut
 def _quant_sizes() -> dict[GGMLQuantizationType, tuple[int, int]]:
     # gguf-py is imported when a header is first parsed, not with this module:
     # its package brings in sentencepiece and yaml (~40 ms), and a node that
