@@ -98,8 +98,10 @@ class _DnsFeaturesLoader(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         self.loader.exec_module(module)
-        for feature in DNS_FEATURES_OFF:
-            module.force(feature, False)
+        force = getattr(module, "force", None)  # a dnspython without it: its own probing, and a slower start
+        if callable(force):
+            for feature in DNS_FEATURES_OFF:
+                force(feature, False)
 
 
 def is_unused(name: str) -> bool:
