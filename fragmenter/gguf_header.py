@@ -241,7 +241,9 @@ def parse_header(buf: Any) -> GGUFHeader:
         types[key] = vtype
     alignment = _alignment(metadata, types)
 
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # see _quant_sizes
+    from gguf import GGMLQuantizationType  # see _quant_sizes
+
+    quant_sizes = _quant_sizes()
 
     tensors: list[TensorInfo] = []
     for i in range(n_tensors):
@@ -256,7 +258,7 @@ def parse_header(buf: Any) -> GGUFHeader:
             ggml_type = GGMLQuantizationType(raw_type)
         except ValueError:
             raise GGUFFormatError(f"tensor {name} has unknown type {raw_type}") from None
-        if ggml_type not in GGML_QUANT_SIZES:
+        if ggml_type not in quant_sizes:
             raise GGUFFormatError(f"tensor {name} has unsupported type {ggml_type.name}")
         offset = c.u64(f"offset of {name}")
         info = TensorInfo(name, dims, ggml_type, offset, position)
