@@ -136,6 +136,44 @@ async def test_a_bulk_stream_sends_few_window_updates() -> None:
     assert updates < 100, updates
 
 
+async def test_a_reader_does_not_wait_for_its_window_update_to_be_written() -> None:
+    """While the connection's writer is busy (its write lock held), a reader
+    that has consumed half its window still gets its data: the WINDOW_UPDATE
+    it grants goes out afterwards, from a task of its own."""
+    size = 200 * 1024  # within the first window (256 KiB), past the half that triggers an update
+    sender, receiver = make_host(create_new_key_pair()), make_host(create_new_key_pair())
+    listen = [parse_peer_addr("/ip4/127.0.0.1/tcp/0/p2p/" + str(sender.get_id())).addrs[0]]
+
+    async def serve(stream) -> None:  # type: ignore[no-untyped-def]
+        await stream.write(os.urandom(size))
+        await trio.sleep(10)
+
+    async with sender.run(listen_addrs=listen), receiver.run(listen_addrs=listen):
+        sender.set_stream_handler(BULK, serve)
+        addr = f"{sender.get_addrs()[0]}/p2p/{sender.get_id()}"
+        await connect(receiver, parse_peer_addr(addr))
+        stream = await receiver.new_stream(sender.get_id(), [BULK])
+        yamux = stream.muxed_stream.conn
+        busy, done = trio.Event(), trio.Event()
+
+        async def writer_blocked_on_a_full_socket() -> None:
+            async with yamux._write_lock:
+                busy.set()
+                await done.wait()
+
+        received = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer_blocked_on_a_full_socket)
+            await busy.wait()
+            with trio.fail_after(5):
+                while received < size:
+                    received += len(await stream.read(64 * 1024))
+            done.set()
+        await sender.close()
+        await receiver.close()
+    assert received == size
+
+
 def test_one_varint_is_told_from_a_message() -> None:
     assert is_one_varint(b"\x26") and is_one_varint(b"\x80\x01")
     assert not is_one_varint(b"") and not is_one_varint(b"\x08\x03") and not is_one_varint(b"\x80")
