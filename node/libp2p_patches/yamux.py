@@ -44,8 +44,9 @@ stalled reader handles none of its peer's messages meanwhile, so it makes no
 new requests of that peer. Fix: the update is sent by a task of the
 connection's own nursery (go-yamux likewise queues it for the session's
 sender); the credit is counted at once as before, so the window bookkeeping
-does not change. Same swarm, with the link-bound mix N=8, seed 35, pullers
-40/100 Mbit/s: 66.4 and 66.9 s against 67.4 and 67.5 s (alternating runs).
+does not change. The link-bound mix N=8, seed 35, pullers 40/100 Mbit/s:
+66.4 and 66.9 s against 67.4 and 67.5 s (alternating runs); at 100/100,
+where CPU is the bound, neutral.
 """
 
 from __future__ import annotations

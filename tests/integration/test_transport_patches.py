@@ -1,6 +1,7 @@
-"""The transport patches that cut per-byte work: buffered TCP reads, Noise
-messages read in one wake-up, batched Yamux window updates, and DHT messages
-written whole (node/libp2p_patches/tcp.py, yamux.py, kad.py)."""
+"""The transport patches that cut per-byte work and waits: buffered TCP reads,
+Noise messages read in one wake-up, batched Yamux window updates that no reader
+waits on, and DHT messages written whole (node/libp2p_patches/tcp.py, yamux.py,
+kad.py)."""
 
 from __future__ import annotations
 
