@@ -26,8 +26,11 @@ class StreamClosed(Exception):
 
 async def _read_some(stream: INetStream, n: int, stall_timeout: float) -> bytes:
     try:
-        with trio.fail_after(stall_timeout):
+        if stall_timeout == math.inf:  # a swarm's reader: a cancel scope per read would only cost
             data = await stream.read(n)
+        else:
+            with trio.fail_after(stall_timeout):
+                data = await stream.read(n)
     except (StreamError, MuxedStreamError, EOFError) as e:
         raise StreamClosed(type(e).__name__) from None
     if not data:
