@@ -5,7 +5,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fragmenter as fr
@@ -176,3 +176,29 @@ def test_cut_before_the_tensor_data_is_refused(tmp_path: Path, header_bytes: byt
         check_tensor_data(h, len(header_bytes))
     full = write_model(tmp_path / "m.gguf", MIXED)
     check_tensor_data(parse_header(full.read_bytes()), full.stat().st_size)
+
+
+def _string_array(items: list[bytes]) -> bytes:
+    payload = _u32(ValueType.STRING) + struct.pack("<Q", len(items))
+    return payload + b"".join(struct.pack("<Q", len(b)) + b for b in items)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(
+        st.one_of(
+            st.text().map(lambda s: s.encode("utf-8")),  # valid UTF-8, NULs and empty strings included
+            st.binary(max_size=12),  # mostly invalid
+        ),
+        max_size=40,
+    )
+)
+@example(items=[b"a\x00b", b""])  # a NUL inside an element
+@example(items=[b"\xe2\x96", b"\x81"])  # a character cut across two elements
+@example(items=[b"", b"\xff"])
+def test_a_string_array_decodes_as_each_element_would(items: list[bytes]) -> None:
+    """`strings()` decodes all elements at once when it can: the same list, every
+    element valid or not, as decoding them one by one with replacement."""
+    data = _raw_gguf([("tokenizer.ggml.tokens", ValueType.ARRAY, _string_array(items))])
+    got = parse_header(data).metadata["tokenizer.ggml.tokens"].strings()
+    assert got == [b.decode("utf-8", errors="replace") for b in items]
