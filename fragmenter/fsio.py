@@ -8,7 +8,6 @@ a power cut: no cleanup ran) from a live writer's, and remove only the former.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import glob
 import os
 import shutil
@@ -29,10 +28,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _libc() -> ctypes.CDLL:
+    # The running program's own symbols, libc's among them: ctypes.util.find_library
+    # would run `ldconfig -p` twice at every import of this module.
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _load_syncfs() -> Callable[[int], int] | None:
     try:
-        syncfs = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs  # Linux only
-    except (OSError, AttributeError):
+        syncfs = _libc().syncfs  # Linux only
+    except (OSError, AttributeError, TypeError):
         return None
     syncfs.argtypes = [ctypes.c_int]
     syncfs.restype = ctypes.c_int
@@ -44,8 +49,8 @@ _SYNCFS = _load_syncfs()
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
-        call = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range  # Linux only
-    except (OSError, AttributeError):
+        call = _libc().sync_file_range  # Linux only
+    except (OSError, AttributeError, TypeError):
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int

@@ -86,3 +86,17 @@ def test_numpy_starts_no_blas_threads_in_a_node_or_builder_process() -> None:
         env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
         assert out.stdout.split() == ["1"], (entry, out.stdout, out.stderr[-300:])
+
+
+def test_the_tokenizer_builder_starts_no_other_program() -> None:
+    """A pull starts this process while its blocks arrive; importing it runs no
+    other program (ctypes' find_library ran `ldconfig -p` twice, for libc)."""
+    probe = (
+        "import sys\n"
+        "started = []\n"
+        "sys.addaudithook(lambda event, args: started.append(args[0]) if event == 'subprocess.Popen' else None)\n"
+        "import fragmenter.build_tokenizer\n"
+        "print(started)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
