@@ -567,8 +567,15 @@ class _HashIndex:
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """The id of each key, -1 where there is none."""
-        out = np.full(len(keys), -1, dtype=np.int64)
-        todo, at = np.arange(len(keys)), self._home(keys)
+        # Most keys are settled at their home slot: that round runs on the whole
+        # arrays, without the index arrays the later rounds keep. An empty slot
+        # holds key 0 and id -1, so a match there still reads as "none".
+        at = self._home(keys)
+        ids = self.ids[at]
+        hit = self.keys[at] == keys
+        out = np.where(hit, ids, -1).astype(np.int64, copy=False)
+        todo = np.flatnonzero((ids != -1) & ~hit)
+        at = (at[todo] + 1) & self.mask
         while len(todo):
             ids = self.ids[at]
             hit = (ids != -1) & (self.keys[at] == keys[todo])

@@ -301,3 +301,17 @@ def test_tokenizer_build_without_fork_runs_in_process(tmp_path: Path, monkeypatc
             "tokenizer_config.json",
             "special_tokens_map.json",
         ]
+
+
+@pytest.mark.parametrize("mix", [tok._SLOT_MIX, 0])  # 0: every key's home is slot 0, one long probe chain
+def test_hash_index_finds_every_key_and_no_other(monkeypatch: pytest.MonkeyPatch, mix: int) -> None:
+    monkeypatch.setattr(tok, "_SLOT_MIX", mix)
+    rng = np.random.default_rng(3)
+    keys = np.unique(rng.integers(0, 1 << 63, size=300, dtype=np.uint64))
+    keys[0] = 0  # the key an empty slot holds
+    ids = rng.permutation(len(keys)).astype(np.int64)
+    index = tok._HashIndex(keys, ids)
+    absent = np.setdiff1d(rng.integers(0, 1 << 63, size=300, dtype=np.uint64), keys)
+    queries = rng.permutation(np.concatenate([keys, absent, keys[:50]]))
+    expected = {int(k): int(i) for k, i in zip(keys, ids, strict=True)}
+    assert index.get(queries).tolist() == [expected.get(int(q), -1) for q in queries]
