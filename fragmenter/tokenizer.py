@@ -36,6 +36,7 @@ import traceback
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import repeat
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
@@ -44,6 +45,7 @@ import numpy as np
 from .errors import FragmenterError
 from .fsio import open_staging_file
 from .gguf_header import GGUFArray, GGUFHeader
+from .gguf_spec import ValueType
 from .llama_pre import ADD_BOS, pre_tokenizer_regexes
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -71,6 +73,8 @@ class _Vocab:
         tokens = md.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, GGUFArray):
             raise FragmenterError("this model has no vocabulary (tokenizer.ggml.tokens)")
+        if tokens.element_type != ValueType.STRING:
+            raise FragmenterError("corrupt vocabulary: tokenizer.ggml.tokens is not an array of strings")
         self.model = md.get("tokenizer.ggml.model")
         self.pre = md.get("tokenizer.ggml.pre", "default")
         self.tokens = tokens.strings()
@@ -92,7 +96,9 @@ class _Vocab:
         if len(self.scores) != n or len(self.types) != n:
             raise FragmenterError("corrupt vocabulary: tokens, scores and types differ in length")
         merges = md.get("tokenizer.ggml.merges")
-        self.merges = merges.strings() if isinstance(merges, GGUFArray) else []
+        if isinstance(merges, GGUFArray) and merges.element_type != ValueType.STRING:
+            raise FragmenterError("corrupt vocabulary: tokenizer.ggml.merges is not an array of strings")
+        self.merges = merges if isinstance(merges, GGUFArray) else None  # decoded by bpe_merges
         # llama.cpp's defaults when the file does not say (out-of-range ones are dropped).
         defaults = {"llama": (1, 2, 0), "gpt2": (11, 11, None), "bert": (101, None, 100), "t5": (None, 1, 2)}
         bos, eos, unk = defaults.get(str(self.model), (None, None, None))
@@ -679,10 +685,56 @@ def _ranges(begins: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def bpe_merges(vocab: _Vocab) -> tuple[np.ndarray, np.ndarray]:
-    """The file's own merges ("left right") as arrays of token ids."""
-    ids = vocab.ids
+    """The file's own merges ("left right", cut at the first space after the
+    first character, as llama.cpp cuts them) as arrays of token ids."""
+    if vocab.merges is None or vocab.merges.count == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    halves = _merge_halves(vocab.merges)
+    if halves is None:
+        return _bpe_merges_one_by_one(vocab.ids, vocab.merges.strings())
+    lefts_text, rights_text = halves
+    get = vocab.ids.get
+    count = len(lefts_text)
+    lefts = np.fromiter(map(get, lefts_text, repeat(-1)), dtype=np.int64, count=count)
+    rights = np.fromiter(map(get, rights_text, repeat(-1)), dtype=np.int64, count=count)
+    unknown = np.flatnonzero((lefts < 0) | (rights < 0))
+    if len(unknown):
+        n = int(unknown[0])
+        merge = f"{lefts_text[n]} {rights_text[n]}"
+        raise FragmenterError(f"corrupt vocabulary: merge #{n} {merge!r} names unknown tokens")
+    return lefts, rights
+
+
+def _merge_halves(merges: GGUFArray) -> tuple[list[str], list[str]] | None:
+    """Every merge's left and right text, in C-level passes: each merge's cut
+    space becomes a NUL in the NUL-separated merges, so that one decode and one
+    split give left, right, left, right... (Llama 3's 280k merges: ~0.3 s as a
+    Python loop). None where that is not exact: a merge without a cut, one holding
+    a NUL, or bytes that are not UTF-8."""
+    joined = merges.nul_joined()
+    if joined is None:
+        return None
+    starts = np.flatnonzero(joined == 0) + 1
+    spaces = np.flatnonzero(joined == ord(" "))
+    owner = np.searchsorted(starts, spaces, side="right") - 1
+    # A space byte is never inside a multi-byte character: "after the first
+    # character" is "not the merge's first byte".
+    inside = spaces > starts[owner]
+    spaces, owner = spaces[inside], owner[inside]
+    first = np.flatnonzero(np.diff(owner, prepend=-1) != 0)  # owners ascend: each merge's first space
+    if len(first) != merges.count:
+        return None
+    joined[spaces[first]] = 0
+    try:
+        parts = joined.tobytes().decode("utf-8").split("\x00")
+    except UnicodeDecodeError:
+        return None
+    return parts[1::2], parts[2::2]
+
+
+def _bpe_merges_one_by_one(ids: dict[str, int], merges: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lefts, rights = array("q"), array("q")
-    for n, merge in enumerate(vocab.merges):
+    for n, merge in enumerate(merges):
         cut = merge.find(" ", 1)  # as llama.cpp splits it
         left, right = (merge[:cut], merge[cut + 1 :]) if cut > 0 else ("", "")
         if left not in ids or right not in ids:

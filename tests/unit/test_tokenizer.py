@@ -4,10 +4,14 @@ import json
 import os
 import signal
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fragmenter as fr
 from fragmenter import tokenizer as tok
@@ -315,3 +319,65 @@ def test_hash_index_finds_every_key_and_no_other(monkeypatch: pytest.MonkeyPatch
     queries = rng.permutation(np.concatenate([keys, absent, keys[:50]]))
     expected = {int(k): int(i) for k, i in zip(keys, ids, strict=True)}
     assert index.get(queries).tolist() == [expected.get(int(q), -1) for q in queries]
+
+
+_BPE_TOKENS = [b"a", b"b", b"ab", b" ", b"a b", b"\xc3\xa9", b"\xc3\xa9a", b"", b"\x00", b"\xe2\x96\x81"]
+_MERGE_EDGES = [b" a", b"a ", b"ab", b"a  b", b"a\x00 b", b"\xff b", b"\xc3 \xa9", b" ", b"", b"\xc3\xa9 a b"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    merges=st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(_BPE_TOKENS), st.sampled_from(_BPE_TOKENS)).map(lambda p: p[0] + b" " + p[1]),
+            st.sampled_from(_MERGE_EDGES),
+        ),
+        min_size=1,  # GGUFWriter leaves an empty array out
+        max_size=12,
+    )
+)
+def test_bpe_merges_at_once_are_the_merges_one_by_one(tmp_path: Path, merges: list[bytes]) -> None:
+    """The merges cut in C-level passes (`_merge_halves`) give the ids, or the
+    error, that cutting each merge in Python gives: merges with a leading or a
+    doubled space, none, a NUL, bytes that are not UTF-8, empty halves."""
+    import gguf
+
+    path = tmp_path / "bpe.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(_BPE_TOKENS)
+    w.add_token_merges(merges)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    vocab = tok._Vocab(fr.parse_header(path.read_bytes()))
+
+    def outcome(merge_ids: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Any:
+        try:
+            lefts, rights = merge_ids()
+        except fr.FragmenterError as e:
+            return str(e)
+        return lefts.tolist(), rights.tolist()
+
+    assert vocab.merges is not None
+    expected = outcome(lambda: tok._bpe_merges_one_by_one(vocab.ids, vocab.merges.strings()))  # type: ignore[union-attr]
+    assert outcome(lambda: tok.bpe_merges(vocab)) == expected
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"])
+def test_a_vocabulary_array_of_numbers_is_a_clear_error(tmp_path: Path, key: str) -> None:
+    import gguf
+
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    if key != "tokenizer.ggml.tokens":
+        w.add_token_list(["a", "b"])
+    w.add_array(key, [1, 2, 3])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with pytest.raises(fr.FragmenterError, match=f"{key} is not an array of strings"):
+        tok.write_tokenizer_files(fr.parse_header(path.read_bytes()), tmp_path)
