@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import struct
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,9 +49,11 @@ class GGUFArray:
     element_type: ValueType
     count: int
     values: np.ndarray | None  # numeric arrays
-    _buffer: Any = None  # string arrays: the header buffer ...
+    _buffer: Any = field(default=None, repr=False)  # string arrays: the header buffer ...
     _start: int = 0  # ... the offset of the first element ...
-    _lengths: Any = None  # ... and each element's length in bytes (an array("Q"), from the parse's walk)
+    # ... and each element's length in bytes (an array("Q"), from the parse's
+    # walk; follows from the two above, so not compared or hashed).
+    _lengths: Any = field(default=None, repr=False, compare=False)
 
     def strings(self) -> list[str]:
         """Each element decoded as UTF-8, invalid bytes replaced (U+FFFD)."""
