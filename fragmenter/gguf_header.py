@@ -207,20 +207,8 @@ class _Cursor:
         count = self.u64(what)
         if etype == ValueType.STRING:
             start = self.pos
-            unpack = struct.Struct("<Q").unpack_from
-            buf, pos, end = self.buf, self.pos, self.size
-            lengths = array("Q")
-            add = lengths.append
-            for _ in range(count):
-                if pos + 8 > end:
-                    raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
-                (n,) = unpack(buf, pos)
-                add(n)
-                pos += 8 + n
-            if pos > end:
-                raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
-            self.pos = pos
-            return GGUFArray(etype, count, None, buf, start, lengths)
+            lengths, self.pos = _walk_strings(self.buf, start, self.size, count, what)
+            return GGUFArray(etype, count, None, self.buf, start, lengths)
         if etype == ValueType.ARRAY:
             # Nested arrays are legal but unused by any model we know; keep them parsed.
             items = [self.array(what) for _ in range(count)]
@@ -230,6 +218,110 @@ class _Cursor:
         values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
         self.pos += count * dtype.itemsize
         return GGUFArray(etype, count, values)
+
+
+# String arrays at least this long are walked with numpy first (below).
+WALK_AT_ONCE_FROM = 4096
+
+
+def _walk_strings(buf: Any, pos: int, end: int, count: int, what: str) -> tuple[Any, int]:
+    """The lengths of a string array's `count` elements from `pos` (each a
+    uint64 length, then that many bytes), and the position after the last.
+
+    One Python step per element cost 0.07 s for a 262k-token vocabulary. A long
+    array is walked in runs found with numpy: the length field of an element
+    under 256 bytes has seven zero bytes after its first, so each such position
+    is a candidate, and a run is a stretch of candidates each of which ends
+    where the next begins, found for all of them at once (in windows of the
+    buffer, which may be a whole mapped model). An element the runs do not
+    reach (256 bytes or more, or text that looks like a field) is stepped over
+    in Python, and the runs go on from where it ends: every element is still
+    located from the one before it, as in the plain walk."""
+    if count > (end - pos) // 8:
+        raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
+    if count == 0 or count < WALK_AT_ONCE_FROM:
+        return _walk_strings_stepwise(buf, pos, end, count, what)
+    unpack = struct.Struct("<Q").unpack_from
+    parts: list[Any] = []
+    stepped = array("Q")
+    runs_left = count // 64 + 16  # then the plain walk: a crafted array of tiny runs must not crawl
+    window = _ShortFields(buf, pos, 0)  # empty: made where the first run starts
+    done = 0
+    while done < count:
+        if pos + 8 > end:
+            raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
+        if runs_left and buf[pos + 1 : pos + 8] == _SEVEN_ZEROS:
+            runs_left -= 1
+            if not window.holds(pos):
+                window = _ShortFields(buf, pos, min(_WINDOW, end - pos))
+            lengths, pos = window.run(pos, count - done)
+            if stepped:
+                parts.append(np.frombuffer(stepped, dtype=np.uint64))
+                stepped = array("Q")
+            parts.append(lengths)
+            done += len(lengths)
+        else:
+            (n,) = unpack(buf, pos)
+            stepped.append(n)
+            pos += 8 + n
+            done += 1
+    if pos > end:
+        raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
+    if stepped:
+        parts.append(np.frombuffer(stepped, dtype=np.uint64))
+    return np.concatenate(parts), pos
+
+
+_SEVEN_ZEROS = bytes(7)
+_WINDOW = 1 << 22  # bytes of the buffer searched for candidates at a time
+
+
+class _ShortFields:
+    """The candidates (positions whose next seven bytes are zero) in
+    buf[start : start + size], each one's end as an element, and where runs break."""
+
+    def __init__(self, buf: Any, start: int, size: int) -> None:
+        self.start, self.last = start, start + size - 8  # a candidate has its 8 bytes inside
+        if size < 8:
+            self.cands = self.ends = self.breaks = np.zeros(0, dtype=np.int64)
+            return
+        data = np.frombuffer(buf, dtype=np.uint8, count=size, offset=start)
+        zero = data == 0
+        short = zero[1 : size - 6].copy()
+        for k in range(2, 8):
+            short &= zero[k : size - 7 + k]
+        found = np.flatnonzero(short)
+        self.cands = found + start
+        self.ends = self.cands + 8 + data[found]
+        self.breaks = np.flatnonzero(self.ends[:-1] != self.cands[1:])  # a run stops at these
+
+    def holds(self, pos: int) -> bool:
+        return self.start <= pos <= self.last
+
+    def run(self, pos: int, most: int) -> tuple[np.ndarray, int]:
+        """The lengths of the elements of the run from candidate `pos` (at most
+        `most`), and where the last ends."""
+        i = int(np.searchsorted(self.cands, pos))
+        b = int(np.searchsorted(self.breaks, i))
+        last = int(self.breaks[b]) if b < len(self.breaks) else len(self.cands) - 1
+        take = min(last - i + 1, most)
+        lengths = (self.ends[i : i + take] - self.cands[i : i + take] - 8).astype(np.uint64)
+        return lengths, int(self.ends[i + take - 1])
+
+
+def _walk_strings_stepwise(buf: Any, pos: int, end: int, count: int, what: str) -> tuple[Any, int]:
+    unpack = struct.Struct("<Q").unpack_from
+    lengths = array("Q")
+    add = lengths.append
+    for _ in range(count):
+        if pos + 8 > end:
+            raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
+        (n,) = unpack(buf, pos)
+        add(n)
+        pos += 8 + n
+    if pos > end:
+        raise GGUFFormatError(f"truncated GGUF header: array {what} runs past the end")
+    return lengths, pos
 
 
 @functools.cache  # asked per tensor, and per shard while a model is cut

@@ -9,7 +9,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fragmenter as fr
-from fragmenter.gguf_header import check_tensor_data, parse_header
+from fragmenter import gguf_header
+from fragmenter.gguf_header import WALK_AT_ONCE_FROM, GGUFArray, check_tensor_data, parse_header
 from fragmenter.gguf_spec import GGUF_MAGIC, ValueType
 from tests.gguf_factory import MIXED, set_version, write_model, write_vocab_only
 
@@ -178,6 +179,13 @@ def test_cut_before_the_tensor_data_is_refused(tmp_path: Path, header_bytes: byt
     check_tensor_data(parse_header(full.read_bytes()), full.stat().st_size)
 
 
+def _plain(value: object) -> object:
+    """A metadata value as something `==` compares whole (a flipped byte can make any type)."""
+    if isinstance(value, GGUFArray):
+        return value.strings() if value.element_type == ValueType.STRING else repr(value.values)
+    return value
+
+
 def _string_array(items: list[bytes]) -> bytes:
     payload = _u32(ValueType.STRING) + struct.pack("<Q", len(items))
     return payload + b"".join(struct.pack("<Q", len(b)) + b for b in items)
@@ -202,3 +210,60 @@ def test_a_string_array_decodes_as_each_element_would(items: list[bytes]) -> Non
     data = _raw_gguf([("tokenizer.ggml.tokens", ValueType.ARRAY, _string_array(items))])
     got = parse_header(data).metadata["tokenizer.ggml.tokens"].strings()
     assert got == [b.decode("utf-8", errors="replace") for b in items]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(
+        st.one_of(
+            st.binary(max_size=6),
+            st.binary(min_size=250, max_size=300),  # past the runs' 255 bytes
+            st.just(b"\x00" * 9),  # text that looks like a length field
+            st.just(bytes([3]) + b"\x00" * 7 + b"abc"),
+        ),
+        max_size=60,
+    ),
+    trimmed=st.integers(min_value=0, max_value=64),  # bytes cut off the end (the last key is 17)
+    flip=st.one_of(st.none(), st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255))),
+    window=st.sampled_from([8, 20, 64, 1 << 22]),  # bytes searched for runs at a time
+)
+def test_string_arrays_walked_in_runs_as_element_by_element(
+    items: list[bytes], trimmed: int, flip: tuple[int, int] | None, window: int
+) -> None:
+    """The numpy walk of long string arrays (`_walk_strings`, here from the first
+    element) finds what the plain walk finds, or fails as it does: on cut and
+    corrupted headers too."""
+    tokens = ("tokenizer.ggml.tokens", ValueType.ARRAY, _string_array(items))
+    data = bytearray(_raw_gguf([tokens, ("x", ValueType.UINT32, _u32(7))]))
+    if flip is not None:
+        data[flip[0] % len(data)] = flip[1]
+    data = data[: len(data) - trimmed]
+    default_window = gguf_header._WINDOW
+
+    def walk(threshold: int) -> object:
+        gguf_header.WALK_AT_ONCE_FROM = threshold
+        gguf_header._WINDOW = window
+        try:
+            h = parse_header(bytes(data))
+        except fr.GGUFFormatError as e:
+            return str(e)
+        return [_plain(v) for v in h.metadata.values()], h.data_start
+
+    try:
+        assert walk(0) == walk(1 << 62)
+    finally:
+        gguf_header.WALK_AT_ONCE_FROM, gguf_header._WINDOW = WALK_AT_ONCE_FROM, default_window
+
+
+def test_string_array_runs_cross_every_window_boundary() -> None:
+    """Runs that meet the end of the window searched for them, at every offset."""
+    items = [b"x" * (i % 13) for i in range(120)] + [b"y" * 300] + [b"z" * (i % 7) for i in range(60)]
+    data = _raw_gguf([("tokenizer.ggml.tokens", ValueType.ARRAY, _string_array(items))])
+    default_window = gguf_header._WINDOW
+    try:
+        for window in range(8, 80):
+            gguf_header.WALK_AT_ONCE_FROM, gguf_header._WINDOW = 0, window
+            got = parse_header(data).metadata["tokenizer.ggml.tokens"].strings()
+            assert got == [b.decode() for b in items], window
+    finally:
+        gguf_header.WALK_AT_ONCE_FROM, gguf_header._WINDOW = WALK_AT_ONCE_FROM, default_window
