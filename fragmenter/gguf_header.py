@@ -51,8 +51,8 @@ class GGUFArray:
     values: np.ndarray | None  # numeric arrays
     _buffer: Any = field(default=None, repr=False)  # string arrays: the header buffer ...
     _start: int = 0  # ... the offset of the first element ...
-    # ... and each element's length in bytes (an array("Q"), from the parse's
-    # walk; follows from the two above, so not compared or hashed).
+    # ... and each element's length in bytes (uint64s, from the parse's walk;
+    # they follow from the two above, so are not compared or hashed).
     _lengths: Any = field(default=None, repr=False, compare=False)
 
     def strings(self) -> list[str]:
