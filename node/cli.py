@@ -33,6 +33,7 @@ from fragmenter.cli import (
     run,
     sigterm_as_interrupt,
 )
+from fragmenter.heap import keep_freed_memory
 from fragmenter.progress import human_bytes
 from fragmenter.quick_exit import quick_exit
 from fragmenter.selection import Selection, held_summary, parse_layers
@@ -739,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> NoReturn:
     """The console script (and `python -m node.cli`): main(), then a quick exit."""
+    keep_freed_memory()  # a process of its own: block buffers reused, not faulted in again (fragmenter/heap.py)
     quick_exit(main())
 
 
