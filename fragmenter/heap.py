@@ -5,19 +5,19 @@ per Noise message, 256 KiB socket reads, 1 MiB blocks to check, write and
 send. glibc's defaults hand that memory back to the kernel almost as soon as
 it is free (the top of a heap is trimmed past twice the largest block seen,
 ~2-3 MiB), and the next burst faults it in again, a zeroed page at a time. In
-an 8-puller swarm at 100 Mbit/s each node took ~60,000 page faults, about the
-bytes it moved; on a VM whose freed pages go back to the host, a fault there
-costs more again (`clear_page_erms` and the page cache's copies were ~11% of
-all CPU in `perf`).
+an 8-puller swarm at 100 Mbit/s each node took ~60,000 page faults, about one
+per 4 KiB it received; on a VM whose freed pages go back to the host a fault
+costs more again (`perf`: the kernel zeroing pages for faults was 3.3% of all
+CPU there, and 12-50% of the tokenizer builds' own samples).
 
 `keep_freed_memory()` raises the thresholds (mallopt(3)): up to
 `TRIM_THRESHOLD` of free memory stays at the top of a heap, a heap grows by
 `TOP_PAD` extra at a time, and only allocations of `MMAP_THRESHOLD` or more
-get mappings of their own (a ranged manifest's buffers; released at once
-when freed, as before). A node's resident size then stays near its peak
+get mappings of their own (a large manifest's buffers, say; released at
+once when freed, as before). A node's resident size then stays near its peak
 working set instead of following each burst. The tokenizer build
 (build_tokenizer.py) frees and refills ~25% of its own peak the same way
-(Gemma's: 48,000 faults, 36,000 with these settings, for a 150 MB peak).
+(Gemma's: 48,000 faults, 35,000 with these settings, for a 150 MB peak).
 glibc only; elsewhere it does nothing. Called where a process starts, never
 on import: a program that embeds a node (node/api.py) or calls
 `node.cli.main` keeps its own settings.

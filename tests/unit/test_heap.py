@@ -32,7 +32,7 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page
 def burst():
-    blocks = [bytes(1 << 20) + bytes(1) for _ in range(40)]  # bytes(): zeroed, so touched
+    blocks = [bytes(1 << 20) + bytes(1) for _ in range(40)]  # each sum is written: every page touched
     peak = rss()
     del blocks
     return peak, rss()
