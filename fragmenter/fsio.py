@@ -28,7 +28,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
     # The running program's own symbols, libc's among them: ctypes.util.find_library
     # would run `ldconfig -p` twice at every import of this module.
     return ctypes.CDLL(None, use_errno=True)
@@ -36,7 +36,7 @@ def _libc() -> ctypes.CDLL:
 
 def _load_syncfs() -> Callable[[int], int] | None:
     try:
-        syncfs = _libc().syncfs  # Linux only
+        syncfs = libc().syncfs  # Linux only
     except (OSError, AttributeError, TypeError):
         return None
     syncfs.argtypes = [ctypes.c_int]
@@ -49,7 +49,7 @@ _SYNCFS = _load_syncfs()
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
-        call = _libc().sync_file_range  # Linux only
+        call = libc().sync_file_range  # Linux only
     except (OSError, AttributeError, TypeError):
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]

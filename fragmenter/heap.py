@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import ctypes
 
+from .fsio import libc
+
 # mallopt(3) parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -40,8 +42,8 @@ MMAP_THRESHOLD = 8 << 20
 def keep_freed_memory() -> bool:
     """True when the settings were taken (a glibc that has mallopt)."""
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+        mallopt = libc().mallopt
+    except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
