@@ -155,7 +155,7 @@ async def _report_stats(node: Node, every: float = 5.0) -> None:
         swarms = list(node.swarms.values())
         event = {
             "event": "stats",
-            "uploaded": node.server.served_bytes + sum(s.stats.bytes_uploaded for s in swarms),
+            "uploaded": node.uploaded_bytes,
             "sessions": sum(len(s.links) for s in swarms),
             "unchoked": sum(1 for s in swarms for link in s.links.values() if not link.session.am_choking),
         }

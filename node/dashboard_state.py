@@ -386,7 +386,7 @@ def collect(
         uptime=0.0 if started is None else now - started,
         indexed=node.indexed.is_set(),
         downloaded=sum(s.stats.bytes_fetched for s in swarms.values()),
-        uploaded=node.server.served_bytes + sum(s.stats.bytes_uploaded for s in swarms.values()),
+        uploaded=node.uploaded_bytes,
         models=models,
         peers=[PeerState(peer, **row) for peer, row in peer_rows.items()],
         transfers=transfers,
@@ -409,5 +409,5 @@ def totals(node: Node, now: float) -> tuple[int, int, dict[str, float]]:
         if s.picker is not None and not s.complete.is_set() and s.failure is None
     }
     downloaded = sum(s.stats.bytes_fetched for s in swarms)
-    uploaded = node.server.served_bytes + sum(s.stats.bytes_uploaded for s in swarms)
+    uploaded = node.uploaded_bytes
     return downloaded, uploaded, rates

@@ -54,7 +54,7 @@ class Snapshot:
 def snapshot(node: Node) -> Snapshot:
     swarms = list(node.swarms.values())
     snap = Snapshot(
-        uploaded=node.server.served_bytes + sum(s.stats.bytes_uploaded for s in swarms),
+        uploaded=node.uploaded_bytes,
         downloaded=sum(s.stats.bytes_fetched for s in swarms),
         blocks_verified=sum(s.stats.blocks_fetched for s in swarms),
         blocks_rejected=sum(s.stats.blocks_rejected for s in swarms),

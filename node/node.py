@@ -178,6 +178,11 @@ class Node:
         await self.server.throttle(n)  # one bucket for every upload, v1 requests and sessions alike
 
     @property
+    def uploaded_bytes(self) -> int:
+        """Bytes this node has sent to peers: fragments served and swarm blocks."""
+        return self.server.served_bytes + sum(s.stats.bytes_uploaded for s in self.swarms.values())
+
+    @property
     def peer_id(self) -> ID:
         return self.host.get_id()
 

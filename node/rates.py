@@ -46,3 +46,42 @@ class RateMeter:
         oldest = slot - int(self.window / self.step)
         while self._buckets and self._buckets[0][0] < oldest:
             self._buckets.popleft()
+
+
+class UplinkUse:
+    """Whether an upload runs well below what it has shown it can carry.
+
+    A super-seed may send a block twice only with upload to spare
+    (node/seeding.py). Requests waiting in its queues do not show that its
+    uplink is full: with 8 pullers at 20 Mbit/s up and 100 down behind a
+    100 Mbit/s seed, the one puller still asking at the end of the first round
+    had its downlink filled by the other pullers, and the seed sent ~0.1 MB/s
+    for 10 s while the seven others, holding all they had been shown, wanted
+    nothing of it. So the node samples its total upload every tick: below
+    `fraction` of the best rate it has reached over `window` seconds, it has
+    upload to spare. The best rate fades with a half-life of `memory` seconds,
+    so an uplink that has become slower for good is not taken as idle forever.
+    """
+
+    def __init__(self, window: float = 1.0, fraction: float = 0.5, memory: float = 60.0) -> None:
+        self.window = window
+        self.fraction = fraction
+        self.memory = memory
+        self._samples: deque[tuple[float, int]] = deque()  # (time, bytes uploaded so far)
+        self.rate = 0.0  # over the last window; 0 until a whole window has been seen
+        self.best = 0.0
+
+    def sample(self, total: int, now: float) -> None:
+        """The node's upload so far, in bytes (a count that only grows)."""
+        if self._samples:
+            self.best *= 0.5 ** ((now - self._samples[-1][0]) / self.memory)
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+        first_time, first_total = self._samples[0]
+        if now - first_time >= self.window:
+            self.rate = (total - first_total) / (now - first_time)
+            self.best = max(self.best, self.rate)
+
+    def underused(self) -> bool:
+        return self.rate < self.fraction * self.best

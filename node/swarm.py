@@ -70,7 +70,7 @@ from .choker import Choker, PeerRates
 from .host import PERMANENT_TTL
 from .libp2p_patches.yamux import NOISE_MAX_PLAINTEXT
 from .picker import BlockPicker, copy_saves_time
-from .rates import RateMeter
+from .rates import RateMeter, UplinkUse
 from .seeding import SuperSeeding
 from .store import LocalModel
 
@@ -105,9 +105,10 @@ STRIKES = 8  # refusals of claimed blocks while unchoked, with nothing delivered
 # A peer shown its share by a super-seed that is still not interested after this
 # long wants other blocks (a partial replica): it is shown everything.
 UNINTERESTED_AFTER = 2.0
-# A super-seed whose upload queues have been empty this long has upload to
-# spare: only then may it send a block a second time (node/seeding.py). Not
-# at once: between one request and the next a busy queue is empty for a moment.
+# A super-seed whose upload queues have been empty, or whose uplink has carried
+# under half its best rate (rates.UplinkUse), this long has upload to spare:
+# only then may it send a block a second time (node/seeding.py). Not at once:
+# between one request and the next a busy queue is empty for a moment.
 SPARE_AFTER = 0.5
 DROP_FOR = 300.0  # a dropped peer is not dialled again for this long
 WRITE_STALL = 60.0  # a peer that takes none of our bytes this long is dropped
@@ -185,7 +186,8 @@ class ModelSwarm:
         self.wanted_bytes = 0
         self.wanted_done = 0  # bytes of wanted files held (for progress)
         self._lost_told: set[int] = set()  # files we dropped (bad on disk) and told our peers of
-        self._upload_busy_at = 0.0  # a super-seed: when a request last waited in its upload queues
+        self._upload_busy_at = 0.0  # a super-seed: when its uplink was last busy
+        self.uplink = UplinkUse()  # the node's upload, sampled each tick while we super-seed
         # Callers waiting for files: a few at once, so a file's waiters are found by
         # asking each (a list of waiters per file cost ~7 MB at 40,960 files).
         self._wants: list[Want] = []
@@ -333,7 +335,10 @@ class ModelSwarm:
             self._check_stalls(now)
         self._rechoke(now, force=False)
         if self.seeding is not None:
-            if self.seeding.active and not self._upload_idle():  # after the first round `spare` is moot
+            self.uplink.sample(self.node.uploaded_bytes, now)
+            # After the first round `spare` is moot. Requests waiting in our
+            # queues do not make the uplink busy if it carries half what it can.
+            if self.seeding.active and not self._upload_idle() and not self.uplink.underused():
                 self._upload_busy_at = now
             spare = now - self._upload_busy_at >= SPARE_AFTER
             for link in list(self.links.values()):
