@@ -37,6 +37,7 @@ from fragmenter.heap import keep_freed_memory
 from fragmenter.progress import human_bytes
 from fragmenter.quick_exit import quick_exit
 from fragmenter.selection import Selection, held_summary, parse_layers
+from fragmenter.stdout_reader import stop_when_stdout_reader_leaves
 from protocol import is_cid
 from protocol.names import InvalidName, parse_target, peer_id_text, validate_name
 
@@ -741,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The console script (and `python -m node.cli`): main(), then a quick exit."""
     keep_freed_memory()  # a process of its own: block buffers reused, not faulted in again (fragmenter/heap.py)
+    stop_when_stdout_reader_leaves()  # `| head`: stop quietly, as SIGPIPE would (fragmenter/stdout_reader.py)
     quick_exit(main())
 
 

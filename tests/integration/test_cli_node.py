@@ -250,3 +250,25 @@ def test_a_seed_stopped_at_once_stops_cleanly(tmp_path: Path) -> None:
         assert json.loads(proc.stdout.readline())["event"] == "listening"
         terminate(proc)
         assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_a_node_whose_stdout_reader_leaves_stops_quietly(tmp_path: Path) -> None:
+    """`gguf-swarm seed --json | head -1`: the next line (a stats event, every
+    5 s) finds the pipe closed. The node stops as on SIGTERM, cleanly and at
+    once, without a traceback, as a program killed by SIGPIPE would end."""
+    proc = subprocess.Popen(
+        [*CLI, "seed", "--data-dir", str(tmp_path / "d"), *LISTEN, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["event"] == "listening"
+        proc.stdout.close()  # the reader leaves
+        assert proc.wait(timeout=30) == 0  # not death by SIGTERM, and not left running
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "Broken pipe" not in err, err
+    finally:
+        if proc.poll() is None:
+            terminate(proc)
