@@ -253,9 +253,9 @@ def test_a_seed_stopped_at_once_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_a_node_whose_stdout_reader_leaves_stops_quietly(tmp_path: Path) -> None:
-    """`gguf-swarm seed --json | head -1`: the next line (a stats event, every
-    5 s) finds the pipe closed. The node stops as on SIGTERM, cleanly and at
-    once, without a traceback, as a program killed by SIGPIPE would end."""
+    """`gguf-swarm seed --json | head -1`: the next line (`indexed`) finds the
+    pipe closed. The node stops as on SIGTERM, cleanly and at once, without a
+    traceback, as a program killed by SIGPIPE would end."""
     proc = subprocess.Popen(
         [*CLI, "seed", "--data-dir", str(tmp_path / "d"), *LISTEN, "--json"],
         stdout=subprocess.PIPE,
