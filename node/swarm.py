@@ -335,11 +335,12 @@ class ModelSwarm:
             self._check_stalls(now)
         self._rechoke(now, force=False)
         if self.seeding is not None:
-            self.uplink.sample(self.node.uploaded_bytes, now)
             # After the first round `spare` is moot. Requests waiting in our
             # queues do not make the uplink busy if it carries half what it can.
-            if self.seeding.active and not self._upload_idle() and not self.uplink.underused():
-                self._upload_busy_at = now
+            if self.seeding.active:
+                self.uplink.sample(self.node.uploaded_bytes, now)
+                if not self._upload_idle() and not self.uplink.underused():
+                    self._upload_busy_at = now
             spare = now - self._upload_busy_at >= SPARE_AFTER
             for link in list(self.links.values()):
                 if not link.ready:
