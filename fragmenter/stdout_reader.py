@@ -45,7 +45,10 @@ class _StdoutReaderMayLeave:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._stream.fileno())
         os.close(devnull)
-        self._stream.flush()  # what it still buffered, to /dev/null now
+        try:
+            self._stream.flush()  # what it still buffered, to /dev/null now
+        except OSError:
+            pass  # nothing more can be said on it anyway
         signal.raise_signal(signal.SIGTERM)
 
     def __getattr__(self, name: str) -> Any:
