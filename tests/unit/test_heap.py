@@ -47,6 +47,40 @@ print(json.dumps({{"released": peak - after, "faults": faults}}))
 """
 
 
+# One worker thread frees its blocks; another, started while the first lives
+# on (so that it cannot inherit the first one's heap), allocates as many.
+THREADS = """
+import json, sys, threading
+sys.path.insert(0, {root!r})
+from fragmenter.heap import keep_freed_memory
+assert keep_freed_memory()
+def faults():
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+freed, done = threading.Event(), threading.Event()
+def first():
+    blocks = [bytes(1 << 20) + bytes(1) for _ in range(40)]
+    del blocks
+    freed.set()
+    done.wait()
+result = {{}}
+def second():
+    before = faults()
+    blocks = [bytes(1 << 20) + bytes(1) for _ in range(40)]
+    result["faults"] = faults() - before
+    del blocks
+a = threading.Thread(target=first)
+a.start()
+freed.wait()
+b = threading.Thread(target=second)
+b.start()
+b.join()
+done.set()
+a.join()
+print(json.dumps(result))
+"""
+
+
 def _burst(keep: bool) -> dict[str, int]:
     code = BURST.format(root=str(ROOT), keep=keep)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -65,3 +99,12 @@ def test_without_the_settings_glibc_gives_the_blocks_back() -> None:
     plain = _burst(keep=False)
     assert plain["released"] > 30 << 20
     assert plain["faults"] > 5000
+
+
+def test_a_thread_reuses_what_another_thread_freed() -> None:
+    # With a heap per thread (glibc's default) the second thread's 40 MiB
+    # would be 10,240 new pages.
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS.format(root=str(ROOT))], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out)["faults"] < 1000
