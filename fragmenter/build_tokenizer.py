@@ -4,18 +4,23 @@ of a GGUF header (or whole GGUF) into FOLDER, in a process of its own.
 A pull builds them while its blocks arrive. In a thread this pure-Python work
 would hold the GIL against the transfer's event loop (it halved loopback
 goodput); in its own process it runs on another core.
+
+It runs at the pull's own priority. At nice 10 it got next to nothing while
+the transfer kept the cores busy, so in an 8-puller swarm on 2 cores all
+eight builds ran after the data, the last 3-7 s of every command. By then
+the pulled files had taken the machine's warm memory, and on a VM that gives
+freed pages back to its host each build's ~150 MB peak cost ~0.9 CPU-s of
+page faults on top of its ~0.8 CPU-s of work (0.2-0.4 CPU-s where memory was
+warm). Built as soon as the header is in, the builds' CPU and memory come
+cheaper, and what they free is reused by the transfer.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import sys
 
 if __name__ == "__main__":
-    # A background job: on a machine whose cores the transfer keeps busy, it
-    # takes what the transfer leaves (its imports too) and has them all after.
-    os.nice(10)
     # A short life that makes ~10^6 objects and no cycles worth finding: the
     # collector's passes over them were ~10% of its CPU (0.85 -> 0.76 s, Gemma).
     gc.disable()
