@@ -18,9 +18,13 @@ cheaper, and what they free is reused by the transfer.
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 
 if __name__ == "__main__":
+    # A pull that stops (an error, a Ctrl-C) ends its build with SIGTERM: raised
+    # here as an exit, the staging file being written is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # A short life that makes ~10^6 objects and no cycles worth finding: the
     # collector's passes over them were ~10% of its CPU (0.85 -> 0.76 s, Gemma).
     gc.disable()
@@ -31,21 +35,35 @@ if __name__ == "__main__":
 
 from pathlib import Path  # noqa: E402
 
-from .errors import FragmenterError
+from .errors import FragmenterError, WriteError
 from .gguf_header import parse_header
 from .quick_exit import quick_exit
 from .tokenizer import write_tokenizer_files
+
+CANNOT_WRITE = 3  # exit status: the folder could not be written (other failures are the vocabulary's)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m fragmenter.build_tokenizer HEADER FOLDER", file=sys.stderr)
         return 2
+    folder = Path(argv[1])
     try:
-        write_tokenizer_files(parse_header(Path(argv[0]).read_bytes()), Path(argv[1]))
+        header = parse_header(Path(argv[0]).read_bytes())
     except (FragmenterError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        write_tokenizer_files(header, folder)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CANNOT_WRITE
+    except FragmenterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write into {folder}: {e.strerror or e}", file=sys.stderr)
+        return CANNOT_WRITE
     return 0
 
 

@@ -7,6 +7,10 @@ class FragmenterError(Exception):
     """Base of every error a user can cause with bad input or a bad folder."""
 
 
+class WriteError(FragmenterError):
+    """An output file or folder could not be made (a full or read-only disk, no permission)."""
+
+
 class GGUFFormatError(FragmenterError):
     """The file is not a GGUF file we can read (bad magic, truncated, bad offsets)."""
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import FragmenterError
+from .errors import FragmenterError, WriteError
 
 
 def fsync_dir(path: Path) -> None:
@@ -155,7 +155,7 @@ def open_staging_folder(final: Path, force: bool) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
         os.chmod(staging, 0o777 & ~umask())  # mkdtemp's 0700 would shut out a seed run as another user
     except OSError as e:
-        raise FragmenterError(f"cannot write into {final.parent}: {e.strerror}") from None
+        raise WriteError(f"cannot write into {final.parent}: {e.strerror}") from None
     except BaseException:  # a SIGTERM or Ctrl-C after mkdtemp made the folder, before we knew its name
         for leftover in final.parent.glob(glob.escape(prefix) + "*"):
             _remove_folder(leftover)
@@ -214,7 +214,7 @@ def open_staging_file(final: Path) -> Iterator[Path]:
         finally:
             os.close(fd)
     except OSError as e:
-        raise FragmenterError(f"cannot write into {final.parent}: {e.strerror}") from None
+        raise WriteError(f"cannot write into {final.parent}: {e.strerror}") from None
     tmp = Path(name)
     try:
         yield tmp

@@ -21,6 +21,7 @@ import trio
 from libp2p.peer.id import ID
 
 from fragmenter import FragmenterError, Manifest
+from fragmenter.build_tokenizer import CANNOT_WRITE
 from fragmenter.manifest import HEADER_NAME
 from fragmenter.selection import Selection
 from fragmenter.tokenizer import TOKENIZER_JSON
@@ -287,5 +288,9 @@ async def _write_tokenizer(model: LocalModel) -> None:
         capture_stderr=True,
         check=False,
     )
-    if result.returncode != 0:
-        log.warning("no tokenizer files for %s: %s", model.cid, result.stderr.decode(errors="replace").strip()[-300:])
+    reason = result.stderr.decode(errors="replace").strip()[-300:]
+    if result.returncode == CANNOT_WRITE:  # a full disk, say: the folder cannot be whole
+        last = reason.splitlines()[-1] if reason else f"cannot write the tokenizer files into {model.folder}"
+        raise NodeError(last.removeprefix("error: "))
+    if result.returncode != 0:  # a vocabulary we cannot write them for: the fragments are still the model
+        log.warning("no tokenizer files for %s: %s", model.cid, reason)

@@ -101,7 +101,8 @@ def test_pull_into_a_full_disk_then_resume_once_there_is_room(
         for name in ("tokenizer.json", "tokenizer.model"):  # built beside them: whole or absent too
             if (small_disk / cid / name).exists():
                 assert sha256_file(small_disk / cid / name) == sha256_file(folder / name)
-        assert all(name.startswith(".resume-") for name in hidden(small_disk / cid))  # verified blocks, kept
+        left = hidden(small_disk / cid)
+        assert all(name.startswith(".resume-") for name in left), left  # verified blocks, kept
 
         # Room again: the rerun keeps what the full disk let through and fetches the rest.
         subprocess.run(["mount", "-o", "remount,size=64M", str(small_disk)], check=True)
