@@ -8,6 +8,9 @@ Per puller it records when every fragment was verified and written ("data")
 and when the command finished (tokenizer files written too). Then the same
 scenario runs with aria2c (netlab/bt_baseline.sh), and both are set against
 the physical lower bound T_min = max(F/u_s, F/d_min, N*F/(u_s + sum u_i)).
+`--bittorrent-first` runs aria2c first instead: on a VM that hands freed
+memory back to its host, whichever runs second starts on the memory the
+first one's processes just freed (see the README's swarm section).
 
 Run (as root): .venv/bin/python bench/swarm_bench.py [--pullers 4 --up 40 --down 100 --seed-up 40]
 """
@@ -163,6 +166,7 @@ def main() -> None:
     parser.add_argument("--netlab", type=Path, default=ROOT.parent / "shared" / "netlab")
     parser.add_argument("--logs", type=Path, help="keep each puller's JSON events here")
     parser.add_argument("--no-bittorrent", action="store_true", help="skip the aria2c reference run")
+    parser.add_argument("--bittorrent-first", action="store_true", help="run aria2c before gguf-swarm")
     args = parser.parse_args()
     global LOGS
     LOGS = args.logs
@@ -179,6 +183,9 @@ def main() -> None:
     try:
         model = gemma.assemble(work / "gemma-3-270m-q4_k_m.gguf")
         cid = fragment_model(model, work / "seed" / "gemma").model_cid
+        bt = float("nan")
+        if args.bittorrent_first and not args.no_bittorrent:
+            bt = run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
         subprocess.run(netlab(lab, "down"), capture_output=True)
         subprocess.run(
             netlab(lab, "up", str(args.pullers + 1), str(args.up), str(args.down)),
@@ -189,11 +196,8 @@ def main() -> None:
             data_done, cmd_done = run_swarm(lab, work, cid, args.pullers)
         finally:
             subprocess.run(netlab(lab, "down"), capture_output=True)
-        bt = (
-            float("nan")
-            if args.no_bittorrent
-            else run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
-        )
+        if not args.bittorrent_first and not args.no_bittorrent:
+            bt = run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
         bits = model.stat().st_size * 8
         t_min = max(
             bits / (seed_up * 1e6),
