@@ -20,10 +20,10 @@ working set instead of following each burst. The tokenizer build
 (Gemma's: 48,000 faults, 35,000 with these settings, for a 150 MB peak).
 
 It also keeps every thread on one heap (`ARENA_MAX`). By default glibc gives
-each thread that meets a busy heap one of its own, up to 8 per core: a
-node's worker threads (reading blocks to send, checking and writing those
-received) held 7-8 such heaps of ~5 MB each, 30-36 MB of a puller's ~165 MB,
-each a peak of its own that the others could not reuse. The heaps exist to
+threads heaps of their own, up to 8 per core: a node's worker threads
+(reading blocks to send, checking and writing those received) held 7-8 such
+heaps of ~5 MB each, 30-36 MB of a puller's ~165 MB, each a peak of its own
+that the others could not reuse. The heaps exist to
 spare threads each other's malloc lock, and here nearly every allocation is
 made by Python code holding the GIL anyway. Memory a process touches for the
 first time is the expensive kind on a VM that hands freed pages back to its
