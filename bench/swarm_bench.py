@@ -8,7 +8,10 @@ Per puller it records when every fragment was verified and written ("data")
 and when the command finished (tokenizer files written too). Then the same
 scenario runs with aria2c (netlab/bt_baseline.sh), and both are set against
 the physical lower bound T_min = max(F/u_s, F/d_min, N*F/(u_s + sum u_i)).
-`--bittorrent-first` runs aria2c first instead: on a VM that hands freed
+It also reports how busy the machine's cores were while each contender
+transferred (bench/cpu_busy.py): every host shares this machine's cores, so a
+contender that keeps them all busy is CPU-bound here, one that leaves them
+idle is not. `--bittorrent-first` runs aria2c first instead: on a VM that hands freed
 memory back to its host, whichever runs second starts on the memory the
 first one's processes just freed (see the README's swarm section).
 
@@ -32,6 +35,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.cpu_busy import CpuSampler, busy_between  # noqa: E402
+
 PORT = 4001
 
 
@@ -47,8 +52,9 @@ def cli_on(lab: Path, i: int, *args: str) -> list[str]:
     return netlab(lab, "exec", str(i), sys.executable, "-m", "node.cli", *args)
 
 
-def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[list[float], list[float]]:
-    """Seconds until each puller had all data, and until each command finished."""
+def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[float, list[float], list[float]]:
+    """When the pullers started (time.monotonic()), and seconds from then until
+    each puller had all data, and until each command finished."""
     procs: list[subprocess.Popen[str]] = []
     try:
         seed = subprocess.Popen(
@@ -90,7 +96,7 @@ def run_swarm(lab: Path, work: Path, cid: str, n: int) -> tuple[list[float], lis
         share = from_seed / max(total, 1)
         print(f"bytes pulled from the seed: {from_seed / 1e6:.0f} MB of {total / 1e6:.0f} MB ({share:.0%})")
         print(f"seed uploaded (its own count): {seed_uploaded[0] / 1e6:.0f} MB")
-        return data_done, cmd_done
+        return start, data_done, cmd_done
     finally:
         for proc in procs:
             proc.terminate()
@@ -137,24 +143,35 @@ def _watch(proc: subprocess.Popen[str], k: int, start: float, data: list[float],
             return
 
 
-def run_bittorrent(lab: Path, model: Path, n: int, up: int, down: int, seed_up: int) -> float:
+def run_bittorrent(lab: Path, model: Path, n: int, up: int, down: int, seed_up: int) -> tuple[float, float]:
+    """Seconds until the last leecher finished, and about when that was
+    (time.monotonic(): the script prints its leechers' times within 0.5 s of it)."""
     before = set(Path("/tmp").glob("btlab.*"))
+    done_at = float("nan")
+    lines: list[str] = []
     try:
-        out = subprocess.run(
+        proc = subprocess.Popen(
             ["bash", str(lab / "bt_baseline.sh"), str(model), str(n), str(up), str(down), str(seed_up)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=1200,
         )
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("leecher ") and not lines:
+                done_at = time.monotonic()
+            lines.append(line)
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        proc.wait(timeout=1200)
     finally:
         # bt_baseline.sh leaves its folder (every leecher's copy, 1-2 GB) behind:
         # runs of this bench filled the disk that the test suite then needed.
         for folder in set(Path("/tmp").glob("btlab.*")) - before:
             shutil.rmtree(folder, ignore_errors=True)
-    m = re.search(r"BT all done: ([0-9.]+) s", out.stdout)
+    out = "".join(lines)
+    m = re.search(r"BT all done: ([0-9.]+) s", out)
     if not m:
-        raise SystemExit(f"BitTorrent baseline failed: {out.stdout[-500:]} {out.stderr[-500:]}")
-    return float(m.group(1))
+        raise SystemExit(f"BitTorrent baseline failed: {out[-500:]} {err[-500:]}")
+    return float(m.group(1)), done_at
 
 
 def main() -> None:
@@ -183,21 +200,22 @@ def main() -> None:
     try:
         model = gemma.assemble(work / "gemma-3-270m-q4_k_m.gguf")
         cid = fragment_model(model, work / "seed" / "gemma").model_cid
-        bt = float("nan")
-        if args.bittorrent_first and not args.no_bittorrent:
-            bt = run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
-        subprocess.run(netlab(lab, "down"), capture_output=True)
-        subprocess.run(
-            netlab(lab, "up", str(args.pullers + 1), str(args.up), str(args.down)),
-            check=True,
-            env={"SEED_UP": str(seed_up), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )
-        try:
-            data_done, cmd_done = run_swarm(lab, work, cid, args.pullers)
-        finally:
+        bt, bt_done_at = float("nan"), float("nan")
+        with CpuSampler() as cpu:
+            if args.bittorrent_first and not args.no_bittorrent:
+                bt, bt_done_at = run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
             subprocess.run(netlab(lab, "down"), capture_output=True)
-        if not args.bittorrent_first and not args.no_bittorrent:
-            bt = run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
+            subprocess.run(
+                netlab(lab, "up", str(args.pullers + 1), str(args.up), str(args.down)),
+                check=True,
+                env={"SEED_UP": str(seed_up), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
+            try:
+                started, data_done, cmd_done = run_swarm(lab, work, cid, args.pullers)
+            finally:
+                subprocess.run(netlab(lab, "down"), capture_output=True)
+            if not args.bittorrent_first and not args.no_bittorrent:
+                bt, bt_done_at = run_bittorrent(lab, model, args.pullers, args.up, args.down, seed_up)
         bits = model.stat().st_size * 8
         t_min = max(
             bits / (seed_up * 1e6),
@@ -216,6 +234,12 @@ def main() -> None:
             f"ratios (command done): gguf-swarm/BitTorrent {last_cmd / bt:.2f} | gguf-swarm/T_min "
             f"{last_cmd / t_min:.2f} | BitTorrent/T_min {bt / t_min:.2f} | seed upload "
             f"{seed_uploaded[0] / model.stat().st_size:.2f} copies"
+        )
+        ours_busy, ours_core_s = busy_between(cpu.samples, started, started + last_cmd)
+        bt_busy, bt_core_s = busy_between(cpu.samples, bt_done_at - bt, bt_done_at)
+        print(
+            f"cores busy while transferring: gguf-swarm {ours_busy:.0%} ({ours_core_s:.1f} core-s) "
+            f"| BitTorrent (aria2c) {bt_busy:.0%} ({bt_core_s:.1f} core-s)"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
