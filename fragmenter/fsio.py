@@ -71,6 +71,22 @@ def start_writeback(fd: int) -> None:
         _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
+def drop_cached(path: Path) -> None:
+    """Let the kernel drop `path`'s pages from its page cache (posix_fadvise
+    DONTNEED). Only clean pages go, so call it once the file is durable. Best
+    effort: a file gone or a system without the call is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
+
+
 def sync_filesystem(path: Path) -> None:
     """Make durable everything written to the filesystem holding `path` (one
     syncfs(2); elsewhere, sync(2)). Grouped durability: files written without

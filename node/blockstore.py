@@ -393,6 +393,7 @@ class ModelBlocks:
         start_writeback(partial.fd)  # on disk by the next records' sync, mostly, instead of all then
         final = self.model.folder / spec.name
         os.replace(partial.path, final)  # the descriptor still reads the same file: readers go on meanwhile
+        self.store.note_written(final)
         self._digests_path(k).unlink(missing_ok=True)
         with self._lock:
             self._set_complete(k, final)

@@ -18,7 +18,13 @@ means hashing those files again. Pulled files are not fsynced one by one (at
 40,000 fragments, two fsyncs per file were 35 % of a pull's time): each batch
 first makes the whole filesystem durable with one syncfs(2), so a record on
 disk names only durable files; after a power cut, a file written since is
-either short (not counted as held) or hashed whole before it is served. Hidden
+either short (not counted as held) or hashed whole before it is served. Once a
+batch is durable, the files pulled in it leave the page cache (`drop_cached`):
+a pull of hundreds of GB does not push the machine's working set out, and the
+pages it frees take the next blocks at once. On a VM that hands free memory
+back to its host, a page written for the first time costs 5-9 ms of CPU per
+MB, reused ~0.8 (README, Benchmarks); blocks asked of us after that are read
+from disk, most are asked within seconds of our HAVE. Hidden
 files in a model folder: `.partial-*` are temporary (deleted at every start),
 `.resume-*` are a killed pull's verified blocks (see blockstore.py).
 Synchronous file work: the node calls it through `trio.to_thread`.
@@ -43,7 +49,7 @@ import numpy as np
 
 from fragmenter import FragmenterError, Manifest
 from fragmenter.fragment_table import FragmentTable
-from fragmenter.fsio import WRITEBACK_FROM, fsync_dir, start_writeback, sync_filesystem
+from fragmenter.fsio import WRITEBACK_FROM, drop_cached, fsync_dir, start_writeback, sync_filesystem
 from fragmenter.manifest import HEADER_NAME, MANIFEST_NAME
 from fragmenter.split import model_file_name
 from protocol.blocks import BLOCK_SIZE, DIGEST_SIZE, block_digests, block_root
@@ -194,6 +200,7 @@ class Store:
     # flush or a removal touches one folder's records, not every model's.
     _verified: dict[str, dict[str, FileRecord]] = field(default_factory=dict)
     _dirty: set[Path] = field(default_factory=set)  # folders whose record on disk is behind
+    _written: list[Path] = field(default_factory=list)  # pulled files, whole since the last batch (flush_verified)
     hashed_bytes: int = 0  # bytes of complete files hashed whole to check them (tests and benchmarks read it)
 
     def __post_init__(self) -> None:
@@ -490,6 +497,12 @@ class Store:
         path = self._pulling_path(model.folder)
         return path is not None and path.exists()
 
+    def note_written(self, path: Path) -> None:
+        """A pulled file is whole under its final name: once the next batch has made
+        it durable, its pages leave the page cache (see above)."""
+        with self._lock:
+            self._written.append(path)
+
     def flush_verified(self) -> None:
         """Write the records of the folders changed since the last flush (one atomic
         write per folder). Never raises: a record not written costs only a re-hash."""
@@ -497,6 +510,7 @@ class Store:
             dirty, self._dirty = self._dirty, set()
             if not dirty:
                 return
+            written, self._written = self._written, []
             by_folder = {str(f): list(self._verified.get(str(f), {}).values()) for f in dirty}
         models = {m.folder: m for m in list(self.models.values())}  # list(): models are added meanwhile
         cids = {folder: m.cid for folder, m in models.items()}
@@ -506,7 +520,10 @@ class Store:
             log.warning("cannot sync %s (records not saved; their files will be hashed again): %s", self.data_dir, e)
             with self._lock:
                 self._dirty |= dirty
+                self._written[:0] = written
             return
+        for path in written:
+            drop_cached(path)  # durable now: only clean pages, which the kernel may drop
         for folder_str, records in by_folder.items():
             folder = Path(folder_str)
             path = self._verified_path(folder)
@@ -567,6 +584,7 @@ class Store:
         name = HEADER_NAME if index == -1 else model.manifest.fragments[index].file_name
         path = model.folder / name
         _write_atomic(path, data, durable=False)  # made durable in batches, before its record (flush_verified)
+        self.note_written(path)
         if index == -1 or model.manifest.fragments[index].sha256 is not None:
             # Checked against a full SHA-256 just now: serving it need hash only the blocks it reads.
             self.mark_verified(path, BLOCK_SIZE, block_digests(data) if digests is None else digests)
