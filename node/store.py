@@ -584,7 +584,8 @@ class Store:
         name = HEADER_NAME if index == -1 else model.manifest.fragments[index].file_name
         path = model.folder / name
         _write_atomic(path, data, durable=False)  # made durable in batches, before its record (flush_verified)
-        self.note_written(path)
+        if len(data) >= WRITEBACK_FROM:  # a small file's few pages are not worth a drop's three system calls
+            self.note_written(path)
         if index == -1 or model.manifest.fragments[index].sha256 is not None:
             # Checked against a full SHA-256 just now: serving it need hash only the blocks it reads.
             self.mark_verified(path, BLOCK_SIZE, block_digests(data) if digests is None else digests)
