@@ -44,8 +44,10 @@ def resident_pages(path: Path) -> int:
 
 @pytest.fixture
 def seed(tmp_path: Path) -> tuple[Store, ModelBlocks]:
-    """A model of 3 fragments of 3 MiB (several 1 MiB blocks each) and a small header, served."""
+    """A model of 3 fragments of 3 MiB (several 1 MiB blocks each: written block by
+    block), one of 512 KiB (one block: written whole) and a small header, served."""
     tensors = [(f"blk.{i}.ffn_up.weight", T.F32, (768, 1024)) for i in range(3)]
+    tensors.append(("blk.3.ffn_up.weight", T.F32, (128, 1024)))
     gguf = write_model(tmp_path / "m.gguf", tensors, vocab=False)
     fr.fragment_model(gguf, tmp_path / "seed" / "m")
     store = Store(tmp_path / "seed")
@@ -67,7 +69,7 @@ def pull_all(seed: tuple[Store, ModelBlocks], data_dir: Path) -> tuple[Store, li
         assert blocks.check_and_write(b, seed_blocks.read_block(b)) is not None  # type: ignore[arg-type]
     assert blocks.complete
     files = sorted(p for p in pulled.folder.iterdir() if p.suffix == ".dat" and p.stat().st_size >= WRITEBACK_FROM)
-    assert len(files) == 3  # the fragments, of several blocks each (the header is small: kept, see store.py)
+    assert sorted(p.stat().st_size >> 19 for p in files) == [1, 6, 6, 6]  # the header is small: kept (store.py)
     return store, files
 
 
