@@ -28,6 +28,7 @@ from .survey import Survey, survey
 log = logging.getLogger(__name__)
 JOIN_PAUSE = 5.0  # after announcing ourselves, before the first plan: other adopters find us meanwhile
 SETTLE_ROUNDS = 4  # at most this many such pauses, while each survey finds peers the last did not
+MISSES_FORGIVEN = 2  # rounds a still-connected holder may go unheard before its copies stop counting
 Event = dict[str, Any]
 
 
@@ -51,10 +52,15 @@ async def adopt(node: Node, opts: AdoptOptions) -> None:
     joined = False
     settling = SETTLE_ROUNDS
     seen: set[str] = set()
+    missed: dict[str, int] = {}
+    previous: Survey | None = None
     while True:
         pause = opts.interval
         try:
             found = await survey(node, opts.model_cid, find_timeout=opts.find_timeout)
+            connected = {str(p) for p in node.connected_peers()}
+            found, missed = carry_missed(previous, found, connected, missed)
+            previous = found
             if not joined:
                 await _join(node, opts.model_cid, found)
                 joined = True
@@ -79,6 +85,32 @@ async def adopt(node: Node, opts: AdoptOptions) -> None:
                 log.exception("adopt %s: round failed", opts.model_cid)
             _report(opts, {"event": "adopt_error", "model_cid": opts.model_cid, "error": _describe(e)})
         await trio.sleep(pause)
+
+
+def carry_missed(
+    previous: Survey | None, found: Survey, connected: set[str], missed: dict[str, int]
+) -> tuple[Survey, dict[str, int]]:
+    """`found`, plus the holdings of last round's holders that did not answer
+    this time but are still connected, for up to MISSES_FORGIVEN rounds in a
+    row; and the new miss counts. A holder busy serving can let one have-request
+    time out; counting its copies as gone would make every adopter take a
+    duplicate of all it holds. A holder that leaves closes its connection and
+    stops counting at once."""
+    if previous is None:
+        return found, {}
+    holdings, fetching, peers = dict(found.holdings), dict(found.fetching), dict(found.peers)
+    counts: dict[str, int] = {}
+    for peer, have in previous.holdings.items():
+        if peer in holdings or peer not in connected or peer not in previous.peers:
+            continue
+        misses = missed.get(peer, 0) + 1
+        if misses > MISSES_FORGIVEN or len(have) != len(found.manifest.fragments):
+            continue
+        counts[peer] = misses
+        holdings[peer], peers[peer] = have, previous.peers[peer]
+        if peer in previous.fetching:
+            fetching[peer] = previous.fetching[peer]
+    return Survey(found.manifest, found.manifest_bytes, holdings, fetching, peers), counts
 
 
 def _report(opts: AdoptOptions, event: Event) -> None:

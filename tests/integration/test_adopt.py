@@ -80,7 +80,7 @@ async def test_three_adopters_restore_two_copies_after_a_holder_leaves(tmp_path:
         fetched_before = sum(node.swarms[model_cid].stats.bytes_fetched for node in adopters)
         counts = copies(adopters, model_cid, n)
         minimum = sum(f.size * (K - c) for f, c in zip(manifest.fragments, counts, strict=True) if c < K)
-        assert minimum > 0  # the seed's leaving left fragments short
+        assert minimum > 0, events  # the seed's leaving left fragments short (else: what each round saw)
         restored_in = await wait_for_copies(adopters, model_cid, n, K, timeout=60)
         moved = sum(node.swarms[model_cid].stats.bytes_fetched for node in adopters) - fetched_before
         moved -= manifest.header_size * sum(1 for h in held_before if h == 0)  # a header fetched late is not a copy
