@@ -10,6 +10,7 @@ that leaves cores idle is not CPU-bound, whatever its time.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import threading
 import time
@@ -35,7 +36,10 @@ def read_proc_stat(text: str, at: float) -> CpuSample:
 
 def busy_between(samples: list[CpuSample], start: float, end: float) -> tuple[float, float]:
     """(share of all cores busy, busy core-seconds) between the samples nearest
-    `start` and `end`; (nan, nan) when the window holds fewer than two samples."""
+    `start` and `end`; (nan, nan) when the window holds fewer than two samples
+    or is not known (a contender not run)."""
+    if math.isnan(start) or math.isnan(end):
+        return float("nan"), float("nan")  # bisect would take a nan window for all of them
     times = [s.at for s in samples]
     i = bisect.bisect_left(times, start)
     j = bisect.bisect_right(times, end) - 1

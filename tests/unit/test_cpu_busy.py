@@ -34,6 +34,12 @@ def test_a_window_with_fewer_than_two_samples_has_no_answer() -> None:
     assert all(math.isnan(x) for x in busy_between(samples, 5.0, 6.0))
 
 
+def test_a_contender_not_run_has_no_answer() -> None:
+    samples = [CpuSample(float(t), t * TICK, 2 * t * TICK) for t in range(5)]
+    nan = float("nan")
+    assert all(math.isnan(x) for x in busy_between(samples, nan - 1.0, nan))  # aria2c skipped: its window
+
+
 def test_the_sampler_sees_this_process_keep_a_core_busy() -> None:
     with CpuSampler(every=0.05) as cpu:
         start = time.monotonic()
