@@ -150,6 +150,7 @@ def run_bittorrent(lab: Path, model: Path, n: int, up: int, down: int, seed_up: 
     before = set(Path("/tmp").glob("btlab.*"))
     done_at = float("nan")
     lines: list[str] = []
+    proc: subprocess.Popen[str] | None = None
     try:
         proc = subprocess.Popen(
             ["bash", str(lab / "bt_baseline.sh"), str(model), str(n), str(up), str(down), str(seed_up)],
@@ -163,6 +164,9 @@ def run_bittorrent(lab: Path, model: Path, n: int, up: int, down: int, seed_up: 
             lines.append(line)
         proc.wait(timeout=60)  # its output is closed: it is exiting (the script gives up after 900 s itself)
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # interrupted, or not exiting after its output closed: not left running
+            proc.wait()
         # bt_baseline.sh leaves its folder (every leecher's copy, 1-2 GB) behind:
         # runs of this bench filled the disk that the test suite then needed.
         for folder in set(Path("/tmp").glob("btlab.*")) - before:
