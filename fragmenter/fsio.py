@@ -221,18 +221,22 @@ def umask() -> int:
 def open_staging_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; renamed onto `final` on success."""
     final = final.resolve()
+    prefix = _staging_prefix(final, "partial")
+    tmp: Path | None = None
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(final)
-        fd, name = tempfile.mkstemp(prefix=_staging_prefix(final, "partial"), dir=final.parent)
+        # The file is made inside the block that removes it: a SIGTERM raised as an
+        # exit (the tokenizer build's) just after mkstemp left it behind.
         try:
-            os.fchmod(fd, 0o666 & ~umask())  # what open(2) gives, not mkstemp's 0600
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise WriteError(f"cannot write into {final.parent}: {e.strerror}") from None
-    tmp = Path(name)
-    try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(final)
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+            tmp = Path(name)
+            try:
+                os.fchmod(fd, 0o666 & ~umask())  # what open(2) gives, not mkstemp's 0600
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise WriteError(f"cannot write into {final.parent}: {e.strerror}") from None
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -241,5 +245,9 @@ def open_staging_file(final: Path) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        else:  # interrupted between mkstemp and its name: ours are the files with our pid's prefix
+            for path in final.parent.glob(glob.escape(prefix) + "*"):
+                path.unlink(missing_ok=True)
         raise
